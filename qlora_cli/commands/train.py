@@ -1,0 +1,367 @@
+"""`qlora train`: recipe -> 4-bit model + LoRA -> TRL SFTTrainer -> run directory."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from .. import data as datamod
+from ..errors import UserError
+from ..model import (
+    Device,
+    check_target_modules,
+    count_parameters,
+    detect_device,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    meta_model,
+    resolve_precision,
+)
+from ..recipe import Recipe
+from ..run_dir import RunDir, append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, check_writable
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+    from trl import SFTConfig
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str, has_eval: bool) -> SFTConfig:
+    """The recipe's training section (and data shaping) as a trl.SFTConfig."""
+    from trl import SFTConfig
+
+    t = recipe.training
+    eval_args: dict[str, Any] = {"eval_strategy": "no"}
+    if has_eval:
+        eval_args = {"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps else {
+            "eval_strategy": "epoch"}
+    return SFTConfig(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size or t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not device.is_cuda,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        max_length=recipe.data.max_length,
+        packing=recipe.data.packing,
+        completion_only_loss=True,
+        dataset_num_proc=None,
+        **eval_args,
+        **t.sft_args,
+    )
+
+
+def trainer_columns(ds: Any, fmt: str) -> Any:
+    """Only what SFTTrainer needs: token ids and the loss mask."""
+    return ds.select_columns(["input_ids", datamod.mask_key(fmt)])
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+def _memory(device: Device) -> tuple[int, str]:
+    """(peak bytes, label) of the process's memory: CUDA allocated, or CPU resident set size."""
+    if device.is_cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated(), "GPU"
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "RSS"
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def make_progress_callback(run: RunDir, device: Device, console: Console) -> TrainerCallback:
+    from transformers import TrainerCallback
+
+    class RichProgress(TrainerCallback):
+        """Rich progress bar with loss, learning rate, tokens/s and peak memory; logs go to metrics.jsonl."""
+
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+            self.task = None
+            self.last: tuple[float, int] | None = None
+            self.start = time.perf_counter()
+            self.train_logs: list[dict] = []
+            self.eval_logs: list[dict] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+            self.last = (self.start, 0)
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                TimeRemainingColumn(), console=console, transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, stats="")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            now = time.perf_counter()
+            record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0, 4),
+                                      "time_s": round(now - self.start, 3)}
+            record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+            peak, _ = _memory(device)
+            record["peak_memory_bytes"] = peak
+            if "loss" in logs and "num_input_tokens_seen" in logs and self.last is not None:
+                tokens = logs["num_input_tokens_seen"]
+                dt = now - self.last[0]
+                record["tokens_per_s"] = (tokens - self.last[1]) / dt if dt > 0 else 0.0
+                self.last = (now, tokens)
+            append_jsonl(run.metrics, record)
+            if "eval_loss" in logs:
+                self.eval_logs.append(record)
+                line = f"step {state.global_step:>5}  eval_loss {logs['eval_loss']:.4f}"
+            elif "loss" in logs:
+                self.train_logs.append(record)
+                line = (f"step {state.global_step:>5}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
+                        f"  {record.get('tokens_per_s', 0):,.0f} tok/s  peak {fmt_bytes(peak)}")
+                if self.progress is not None:
+                    self.progress.update(self.task, stats=line.split("  ", 1)[1])
+            else:
+                return
+            (self.progress.console if self.progress else console).print(line, highlight=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+                self.progress.stop()
+                self.progress = None
+
+    return RichProgress()
+
+
+# ---------------------------------------------------------------------------------------------- dry run
+
+
+def print_data_summary(prepared: datamod.PreparedData, console: Console) -> None:
+    table = Table(title=f"Data ({prepared.format})", title_justify="left")
+    for col in ("split", "rows", "skipped", "truncated", "tokens", "loss tokens", "p50", "p90", "p99", "max"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for name, stats in (("train", prepared.train_stats), ("eval", prepared.eval_stats)):
+        if stats is None:
+            continue
+        pct = stats.percentiles()
+        table.add_row(name, f"{stats.rows:,}", f"{stats.skipped:,}", f"{stats.truncated:,}", f"{stats.tokens:,}",
+                      f"{stats.loss_tokens:,}", *(f"{pct.get(k, 0):,}" for k in ("p50", "p90", "p99", "max")))
+    console.print(table)
+    for note in prepared.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def print_example(prepared: datamod.PreparedData, tokenizer: Any, console: Console) -> None:
+    row = prepared.train[0]
+    key = datamod.mask_key(prepared.format)
+    text = Text()
+    for segment, loss in datamod.loss_segments(tokenizer, row["input_ids"], row[key]):
+        text.append(segment, style="bold green" if loss else "dim")
+    console.print(f"First training example ({len(row['input_ids'])} tokens; [bold green]green[/] carries loss):")
+    console.print(text)
+
+
+def dry_run(recipe: Recipe, console: Console) -> None:
+    """Everything but the weights: the resolved recipe, parameter counts, data summary, first example."""
+    from rich.syntax import Syntax
+
+    console.print(Syntax(recipe.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
+    model = meta_model(recipe)
+    total, trainable = count_parameters(model)
+    console.print(f"Parameters: {total:,} total, {trainable:,} trainable "
+                  f"({100 * trainable / total:.3f} %) with LoRA r={recipe.lora.r}")
+    tokenizer = load_tokenizer(recipe.model)
+    prepared = datamod.prepare(recipe.data, tokenizer, recipe.training.seed)
+    print_data_summary(prepared, console)
+    print_example(prepared, tokenizer, console)
+    try:
+        from ..footprint import estimate_for_recipe, print_estimate
+    except ImportError:  # the estimator is optional in this build
+        return
+    print_estimate(estimate_for_recipe(recipe, prepared), console)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def prepare_run_dir(recipe: Recipe, overwrite: bool) -> RunDir:
+    run = RunDir(recipe.output_dir)
+    check_writable(run.path)
+    if run.path.exists() and any(run.path.iterdir()):
+        if not overwrite:
+            raise UserError(f"run directory {run.path} already exists", where="training.output_dir",
+                            fix="Pass --overwrite to replace it, or set another training.output_dir")
+        shutil.rmtree(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def train(recipe: Recipe, console: Console, overwrite: bool = False) -> dict[str, Any]:
+    """Run the recipe; return the summary that is also written to the run directory."""
+    import torch
+    from trl import SFTTrainer
+
+    device = detect_device(recipe.training)
+    precision = resolve_precision(recipe.training, device)
+    tokenizer = load_tokenizer(recipe.model)
+    prepared = datamod.prepare(recipe.data, tokenizer, recipe.training.seed)
+    print_data_summary(prepared, console)
+
+    run = prepare_run_dir(recipe, overwrite)
+    atomic_write_text(run.recipe, recipe.to_yaml())
+    console.print(f"Loading {recipe.model.name_or_path} "
+                  f"({'4-bit ' + recipe.quantization.bnb_4bit_quant_type if recipe.quantization.load_in_4bit else '16-bit'}"
+                  f", {precision}) on {device.name}")
+    t0 = time.perf_counter()
+    model = load_model(recipe, device, precision)
+    check_target_modules(model, recipe.lora)
+    load_s = time.perf_counter() - t0
+    if device.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    args = build_sft_config(recipe, run, device, precision, prepared.eval is not None)
+    progress = make_progress_callback(run, device, console)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=trainer_columns(prepared.train, prepared.format),
+        eval_dataset=trainer_columns(prepared.eval, prepared.format) if prepared.eval is not None else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.lora),
+        callbacks=[progress],
+    )
+    total, trainable = count_parameters(trainer.model)
+    console.print(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters; "
+                  f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
+                  f" x {args.world_size} sequences of up to {recipe.data.max_length} tokens")
+    t1 = time.perf_counter()
+    result = trainer.train()
+    train_s = time.perf_counter() - t1
+    final_eval = trainer.evaluate() if prepared.eval is not None else {}
+    if final_eval:
+        console.print(f"final eval_loss {final_eval['eval_loss']:.4f}")
+
+    with atomic_dir(run.adapter, overwrite=True) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    peak, label = _memory(device)
+    tokens = trainer.state.num_input_tokens_seen
+    summary: dict[str, Any] = {
+        "recipe": str(recipe.path) if recipe.path else None,
+        "model": recipe.model.name_or_path,
+        "device": device.name,
+        "precision": precision,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0, 4),
+        "train_time_s": round(train_s, 2),
+        "load_time_s": round(load_s, 2),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
+        f"peak_{label.lower()}_bytes": peak,
+        "trainable_parameters": trainable,
+        "train_loss": round(result.training_loss, 6),
+        "final_train_loss": progress.train_logs[-1]["loss"] if progress.train_logs else None,
+        "first_eval_loss": progress.eval_logs[0]["eval_loss"] if progress.eval_logs else None,
+        "final_eval_loss": final_eval.get("eval_loss"),
+    }
+    if device.is_cuda:
+        summary["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    if recipe.evaluation.compare_after_training and prepared.eval is not None and prepared.format != "text":
+        summary["comparison"] = compare_base_and_adapter(recipe, prepared, trainer.model, tokenizer, console)
+    atomic_write_json(run.summary, summary)
+    print_summary(summary, run, console)
+    return summary
+
+
+def compare_base_and_adapter(recipe: Recipe, prepared: datamod.PreparedData, model: Any, tokenizer: Any,
+                             console: Console) -> dict[str, Any]:
+    """Greedy answers to held-out prompts with the adapter off and on, scored by exact match."""
+    from ..scoring import generate, normalize, score
+
+    cfg = recipe.evaluation
+    rows = prepared.eval.select(range(min(cfg.compare_after_training, len(prepared.eval))))
+    pairs = [datamod.prompt_for_generation(prepared.format, r, tokenizer) for r in rows]
+    prompts = [p for p, _ in pairs]
+    refs = [normalize(a, cfg) for _, a in pairs]
+    special = prepared.format != "chat"
+    model.eval()
+    with model.disable_adapter():
+        base = [normalize(a, cfg) for a in generate(model, tokenizer, prompts, cfg, special)]
+    tuned = [normalize(a, cfg) for a in generate(model, tokenizer, prompts, cfg, special)]
+    base_scores, tuned_scores = score(base, refs), score(tuned, refs)
+    table = Table(title=f"Held-out prompts: base vs adapter ({len(refs)} eval rows, exact match)",
+                  title_justify="left")
+    table.add_column("prompt")
+    table.add_column("expected")
+    table.add_column("base model")
+    table.add_column("with adapter")
+    for i in range(min(5, len(refs))):
+        table.add_row(prompts[i][-60:].replace("\n", " "), refs[i], base[i][:30],
+                      Text(tuned[i][:30], style="green" if tuned[i] == refs[i] else "red"))
+    console.print(table)
+    console.print(f"accuracy: base {base_scores.accuracy:.1%}  ->  adapter {tuned_scores.accuracy:.1%}   "
+                  f"(macro-F1 {base_scores.macro_f1:.3f} -> {tuned_scores.macro_f1:.3f})")
+    return {"n": len(refs), "base_accuracy": base_scores.accuracy, "adapter_accuracy": tuned_scores.accuracy,
+            "base_macro_f1": base_scores.macro_f1, "adapter_macro_f1": tuned_scores.macro_f1}
+
+
+def print_summary(summary: dict[str, Any], run: RunDir, console: Console) -> None:
+    table = Table(title=f"Run summary: {run.path}", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    peak = summary.get("peak_gpu_bytes") or summary.get("peak_rss_bytes")
+    rows = [
+        ("steps", f"{summary['steps']:,}"),
+        ("train time", f"{summary['train_time_s']:.1f} s"),
+        ("tokens/s", f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "-"),
+        ("peak GPU memory (allocated)" if "peak_gpu_bytes" in summary else "peak process RSS", fmt_bytes(peak)),
+        ("final train loss", _num(summary["final_train_loss"])),
+        ("eval loss (start -> end)", f"{_num(summary['first_eval_loss'])} -> {_num(summary['final_eval_loss'])}"),
+    ]
+    for what, value in rows:
+        table.add_row(what, value)
+    console.print(table)
+    console.print(f"Adapter: {run.adapter}   next: qlora eval {run.path}   |   qlora merge {run.path} --out DIR")
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+

@@ -1,0 +1,398 @@
+"""Data: recipe `data` section -> tokenized `datasets.Dataset`s with their loss masks, and a summary.
+
+The path of a row:
+
+1. **load**: local json/jsonl/csv/parquet files (one, several or a glob) or a hub dataset id, via `datasets`;
+2. **map columns**: `data.columns` renames the dataset's columns to the format's fields;
+3. **format**: alpaca, chat, prompt_completion or text rows become either prompt/completion text pairs or
+   chat `messages`; rows with empty fields are skipped and counted (or refused);
+4. **tokenize**: `input_ids` plus the mask of tokens that carry loss (`completion_mask` for prompts, or
+   `assistant_masks` for chat, found by rendering the chat template turn by turn, so it works with any template).
+
+TRL's SFTTrainer takes it from there: it turns masks into labels, truncates to `max_length` or packs.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+from .recipe import DataConfig
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+FIELDS: dict[str, tuple[str, ...]] = {  # required fields of each format (after column mapping)
+    "alpaca": ("instruction", "output"),
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+OPTIONAL_FIELDS = {"alpaca": ("input",)}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class SplitStats:
+    """What `--dry-run` and the run summary report about one split."""
+
+    rows: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    loss_tokens: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)
+
+    def percentiles(self) -> dict[str, int]:
+        if not self.lengths:
+            return {}
+        ordered = sorted(self.lengths)
+        pick = lambda q: ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]  # noqa: E731
+        return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+
+@dataclass
+class PreparedData:
+    format: str
+    train: Dataset
+    eval: Dataset | None
+    train_stats: SplitStats
+    eval_stats: SplitStats | None
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _local_files(source: str | list[str]) -> list[Path] | None:
+    """The files a local source names, or None when it looks like a hub id."""
+    items = [source] if isinstance(source, str) else source
+    files: list[Path] = []
+    for item in items:
+        if any(c in item for c in "*?["):
+            matched = sorted(Path(p) for p in globlib.glob(item, recursive=True))
+            if not matched:
+                raise UserError(f"no file matches {item!r}", where="data.source", fix="Check the glob pattern")
+            files.extend(matched)
+        elif Path(item).exists() or Path(item).suffix.lower() in EXTENSIONS or isinstance(source, list):
+            if not Path(item).is_file():
+                raise UserError(f"data file {item!r} does not exist", where="data.source",
+                                fix="Check the path (relative paths start where you run qlora)")
+            files.append(Path(item))
+        else:
+            return None
+    return files
+
+
+def _check_utf8(path: Path) -> None:
+    if path.suffix.lower() == ".parquet":
+        return
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path} is not UTF-8 text (byte {data[e.start]:#04x})", where=f"{path} line {line}",
+                        fix="Re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def load_source(source: str | list[str], subset: str | None = None, split: str = "train",
+                key: str = "data.source") -> Dataset:
+    """Rows of a local file set or hub dataset, as one `datasets.Dataset`."""
+    from datasets import load_dataset
+
+    files = _local_files(source)
+    if files is None:
+        try:
+            return load_dataset(source, subset, split=split)
+        except Exception as e:  # offline, unknown id, unknown split: the library's message is the useful part
+            raise UserError(f"cannot load hub dataset {source!r} split {split!r}: {str(e).splitlines()[0]}",
+                            where=key, fix="Check the id, split and network, or point to local files") from None
+    kinds = {EXTENSIONS.get(f.suffix.lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if f.suffix.lower() not in EXTENSIONS)
+        raise UserError(f"{bad} has an unsupported extension", where=key,
+                        fix="Use .json, .jsonl, .csv or .parquet files")
+    if len(kinds) > 1:
+        raise UserError(f"files of different types in one source: {', '.join(map(str, files))}", where=key,
+                        fix="Use files of one type")
+    for f in files:
+        _check_utf8(f)
+        if f.stat().st_size == 0:
+            raise UserError(f"data file {f} is empty", where=key, fix="Point to a file with rows")
+    try:
+        return load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    except Exception as e:
+        raise UserError(f"cannot read {', '.join(map(str, files))}: {str(e).splitlines()[0]}", where=key,
+                        fix="Check that the file is valid for its extension") from None
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+def map_columns(ds: Dataset, columns: dict[str, str], where: str) -> Dataset:
+    """Rename dataset columns to format fields: {prompt: text} reads the field `prompt` from column `text`."""
+    if not columns:
+        return ds
+    for target, column in columns.items():
+        if column not in ds.column_names:
+            raise UserError(f"column {column!r} (mapped to {target!r}) is not in the data", where=where,
+                            fix=f"Columns found: {', '.join(ds.column_names)}")
+    keep = [c for c in ds.column_names if c not in columns.values() and c not in columns]
+    return ds.map(lambda row: {t: row[c] for t, c in columns.items()}, remove_columns=[
+        c for c in ds.column_names if c not in keep])
+
+
+def detect_format(columns: list[str]) -> str | None:
+    for name in ("chat", "alpaca", "prompt_completion", "text"):
+        if all(f in columns for f in FIELDS[name]):
+            return name
+    return None
+
+
+def _resolve_format(cfg: DataConfig, ds: Dataset, where: str) -> str:
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = detect_format(ds.column_names)
+        if fmt is None:
+            raise UserError(
+                f"cannot tell the data format from the columns {', '.join(ds.column_names)}", where=where,
+                fix="Set data.format and map your columns with data.columns, "
+                "e.g. columns: {prompt: text, completion: category}",
+            )
+    missing = [f for f in FIELDS[fmt] if f not in ds.column_names]
+    if missing:
+        raise UserError(
+            f"format {fmt} needs column(s) {', '.join(missing)}; columns found: {', '.join(ds.column_names)}",
+            where=where,
+            fix="Map them with data.columns, e.g. columns: {" + f"{missing[0]}: <your column>" + "}",
+        )
+    return fmt
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, list) and not value)
+
+
+def _row_problem(fmt: str, row: dict[str, Any]) -> str | None:
+    for f in FIELDS[fmt]:
+        if _empty(row.get(f)):
+            return f"field {f!r} is empty"
+    if fmt == "chat":
+        messages = row["messages"]
+        if not isinstance(messages, list):
+            return "`messages` is not a list"
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                return "a message is not a {role, content} mapping"
+            if m["role"] not in CHAT_ROLES:
+                return f"unknown role {m['role']!r} (valid: {', '.join(CHAT_ROLES)})"
+        if not any(m["role"] == "assistant" for m in messages):
+            return "no assistant turn to learn from"
+    return None
+
+
+def _join(prompt: str, completion: str) -> str:
+    """Completion text as appended to the prompt: one space between them unless either side has whitespace."""
+    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
+        return " " + completion
+    return completion
+
+
+def to_pairs(fmt: str, row: dict[str, Any], template: str | None) -> dict[str, Any]:
+    """One validated row in its canonical form: {prompt, completion}, {messages} or {text}."""
+    if fmt == "alpaca":
+        extra = row.get("input") or ""
+        tmpl = template or (ALPACA_TEMPLATE if extra.strip() else ALPACA_TEMPLATE_NO_INPUT)
+        prompt = tmpl.format(instruction=row["instruction"], input=extra)
+        return {"prompt": prompt, "completion": _join(prompt, str(row["output"]))}
+    if fmt == "prompt_completion":
+        prompt = template.format(prompt=row["prompt"]) if template else str(row["prompt"])
+        return {"prompt": prompt, "completion": _join(prompt, str(row["completion"]))}
+    if fmt == "chat":
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+    return {"text": str(row["text"])}
+
+
+def format_rows(cfg: DataConfig, ds: Dataset, where: str) -> tuple[str, Dataset, int]:
+    """(format, canonical rows, rows skipped)."""
+    ds = map_columns(ds, cfg.columns, "data.columns")
+    if len(ds) == 0:
+        raise UserError("the dataset has no rows", where=where, fix="Point data.source at a file with examples")
+    fmt = _resolve_format(cfg, ds, where)
+    template = cfg.prompt_template
+    if template:
+        names = {"alpaca": ("instruction", "input"), "prompt_completion": ("prompt",)}.get(fmt, ())
+        try:
+            template.format(**{n: "" for n in names})
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(f"prompt_template has an unknown or broken placeholder ({e})",
+                            where="data.prompt_template",
+                            fix=f"Use only {', '.join('{' + n + '}' for n in names) or 'no placeholders'}") from None
+    keep, skipped = [], 0
+    for i, row in enumerate(ds):
+        problem = _row_problem(fmt, row)
+        if problem is None:
+            keep.append(i)
+            continue
+        if cfg.invalid_rows == "error":
+            raise UserError(f"row {i + 1}: {problem}", where=where,
+                            fix="Fix or remove the row, or set data.invalid_rows: skip")
+        skipped += 1
+    if not keep:
+        raise UserError(f"all {len(ds)} rows are invalid for format {fmt}", where=where,
+                        fix="Check data.format and data.columns")
+    ds = ds.select(keep) if skipped else ds
+    ds = ds.map(lambda row: to_pairs(fmt, row, template), remove_columns=ds.column_names)
+    return fmt, ds, skipped
+
+
+# -------------------------------------------------------------------------------------------- tokenizing
+
+
+def _chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def tokenize_row(fmt: str, row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
+    """input_ids and the 0/1 mask of tokens that carry loss."""
+    eos = tokenizer.eos_token or ""
+    if fmt == "text":
+        text = row["text"] if row["text"].endswith(eos) else row["text"] + eos
+        ids = tokenizer(text)["input_ids"]
+        return {"input_ids": ids, "completion_mask": [1] * len(ids)}
+    if fmt == "chat":
+        text = _chat_text(tokenizer, row["messages"])
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = []
+        for i, m in enumerate(row["messages"]):
+            if m["role"] == "assistant":
+                start = len(_chat_text(tokenizer, row["messages"][:i], generation_prompt=True))
+                end = len(_chat_text(tokenizer, row["messages"][: i + 1]))
+                spans.append((start, end))
+        mask = [int(any(s <= a < e for s, e in spans)) for a, _ in encoded["offset_mapping"]]
+        return {"input_ids": encoded["input_ids"], "assistant_masks": mask}
+    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    ids = tokenizer(row["prompt"] + row["completion"] + eos)["input_ids"]
+    common = 0
+    for a, b in zip(prompt_ids, ids):
+        if a != b:
+            break
+        common += 1
+    return {"input_ids": ids, "completion_mask": [0] * common + [1] * (len(ids) - common)}
+
+
+def mask_key(fmt: str) -> str:
+    return "assistant_masks" if fmt == "chat" else "completion_mask"
+
+
+def tokenize(fmt: str, ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[Dataset, SplitStats]:
+    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError("data.format is chat but the tokenizer has no chat template",
+                        where="data.format",
+                        fix="Use a tokenizer with a chat template (model.tokenizer), or a prompt_completion format")
+    if fmt == "chat" and not tokenizer.is_fast:
+        raise UserError("chat format needs a fast tokenizer to find assistant tokens", where="model.tokenizer",
+                        fix="Use a tokenizer with a tokenizer.json")
+    tokenized = ds.map(lambda row: tokenize_row(fmt, row, tokenizer), desc="Tokenizing")
+    lengths = [len(ids) for ids in tokenized["input_ids"]]
+    key = mask_key(fmt)
+    masks = tokenized[key]
+    empty = [i for i, m in enumerate(masks) if not any(m[:max_length])]
+    if empty and len(empty) == len(masks):
+        raise UserError(f"no row has a loss-carrying token within {max_length} tokens",
+                        where="data.max_length", fix="Raise data.max_length or shorten the prompts")
+    stats = SplitStats(
+        rows=len(tokenized),
+        truncated=sum(n > max_length for n in lengths),
+        loss_tokens=sum(sum(m[:max_length]) for m in masks),
+        lengths=lengths,
+    )
+    return tokenized, stats
+
+
+# ------------------------------------------------------------------------------------------------ the lot
+
+
+def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 42) -> PreparedData:
+    """Load, format and tokenize the training (and evaluation) rows of a recipe."""
+    where = cfg.source if isinstance(cfg.source, str) else ", ".join(cfg.source)
+    raw = load_source(cfg.source, cfg.subset, cfg.split)
+    if cfg.max_rows:
+        raw = raw.select(range(min(cfg.max_rows, len(raw))))
+    fmt, rows, skipped = format_rows(cfg, raw, where)
+    notes = []
+    if skipped:
+        notes.append(f"skipped {skipped} row(s) with empty or invalid fields in {where}")
+    eval_rows, eval_skipped = None, 0
+    if cfg.eval_fraction:
+        if len(rows) < 2:
+            raise UserError("too few rows to hold some out for evaluation", where="data.eval_fraction",
+                            fix="Set eval_fraction: 0 or add rows")
+        parts = rows.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        rows, eval_rows = parts["train"], parts["test"]
+    elif cfg.eval_source or cfg.eval_split:
+        eval_source = cfg.eval_source or cfg.source
+        eval_where = eval_source if isinstance(eval_source, str) else ", ".join(eval_source)
+        eval_raw = load_source(eval_source, cfg.subset, cfg.eval_split or "train", key="data.eval_source")
+        eval_fmt, eval_rows, eval_skipped = format_rows(cfg, eval_raw, eval_where)
+        if eval_fmt != fmt:
+            raise UserError(f"evaluation data is in format {eval_fmt}, training data in {fmt}",
+                            where="data.eval_source", fix="Use the same format for both, or set data.format")
+        if eval_skipped:
+            notes.append(f"skipped {eval_skipped} evaluation row(s) with empty or invalid fields")
+    train, train_stats = tokenize(fmt, rows, tokenizer, cfg.max_length)
+    train_stats.skipped = skipped
+    eval_ds, eval_stats = None, None
+    if eval_rows is not None:
+        eval_ds, eval_stats = tokenize(fmt, eval_rows, tokenizer, cfg.max_length)
+        eval_stats.skipped = eval_skipped
+    if train_stats.truncated:
+        notes.append(f"{train_stats.truncated} training example(s) are longer than max_length={cfg.max_length} "
+                     "tokens and will be truncated")
+    note = getattr(tokenizer, "qlora_note", None)
+    if note:
+        notes.append(note)
+    return PreparedData(fmt, train, eval_ds, train_stats, eval_stats, notes)
+
+
+def loss_segments(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], mask: list[int]) -> list[tuple[str, bool]]:
+    """The decoded example cut into runs of (text, carries_loss)."""
+    segments: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or mask[i] != mask[start]:
+            segments.append((tokenizer.decode(input_ids[start:i]), bool(mask[start])))
+            start = i
+    return segments
+
+
+def prompt_for_generation(fmt: str, row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """(prompt text to generate from, reference answer) of a canonical row, formatted as in training."""
+    if fmt == "chat":
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return _chat_text(tokenizer, messages[:last], generation_prompt=True), messages[last]["content"]
+    if fmt == "text":
+        raise UserError("the text format has no prompt/answer pairs to generate from", where="data.format",
+                        fix="Use a prompt_completion, alpaca or chat dataset for generation metrics")
+    return row["prompt"], row["completion"]

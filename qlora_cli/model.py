@@ -1,0 +1,272 @@
+"""Builders: recipe sections -> tokenizer, BitsAndBytesConfig, 4-bit model, LoraConfig.
+
+Nothing here reads the recipe file or trains; each function takes the typed section it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+from .recipe import LoraSection, ModelConfig, QuantizationConfig, Recipe, TrainingConfig
+from .tiny import TINY_MODEL_ID, ensure_tiny_model
+
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+# Hub ids whose config.json ships in qlora_cli/models/, so dry runs and footprints work offline.
+KNOWN_MODELS: dict[str, str] = {
+    "mistralai/Mistral-7B-v0.1": "mistral-7b.json",
+    "mistralai/Mistral-7B-v0.3": "mistral-7b-v0.3.json",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistral-7b-v0.3.json",
+    "meta-llama/Meta-Llama-3-8B": "llama-3-8b.json",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "llama-3-8b.json",
+    "meta-llama/Llama-3.1-8B": "llama-3-8b.json",
+    "meta-llama/Llama-3.1-8B-Instruct": "llama-3-8b.json",
+    "Qwen/Qwen2.5-7B": "qwen2.5-7b.json",
+    "Qwen/Qwen2.5-7B-Instruct": "qwen2.5-7b.json",
+    "meta-llama/Llama-2-70b-hf": "llama-2-70b.json",
+    "meta-llama/Meta-Llama-3-70B": "llama-3-70b.json",
+    "meta-llama/Llama-3.1-70B": "llama-3-70b.json",
+}
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+@dataclass
+class Device:
+    """What the run executes on and in which precision."""
+
+    type: str  # "cuda" or "cpu"
+    name: str
+    total_memory: int | None  # bytes, CUDA only
+    bf16: bool
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.type == "cuda"
+
+
+def detect_device(training: TrainingConfig) -> Device:
+    """The visible CUDA GPU, or the CPU when the recipe allows it; a clear error otherwise."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Device("cuda", props.name, props.total_memory, torch.cuda.is_bf16_supported())
+    if not training.allow_cpu:
+        raise UserError(
+            "no CUDA GPU is visible, and 4-bit QLoRA training needs one",
+            where="training.allow_cpu",
+            fix="Run on a machine with an NVIDIA GPU, or set training.allow_cpu: true for tiny models and tests",
+        )
+    return Device("cpu", "CPU", None, True)
+
+
+def resolve_precision(training: TrainingConfig, device: Device) -> str:
+    """`auto` -> bf16 where supported, else fp16; a bf16 request on a GPU without it falls back to fp16."""
+    wanted = training.precision
+    if wanted == "auto":
+        return "bf16" if device.bf16 else "fp16"
+    if wanted == "bf16" and not device.bf16:
+        warnings.warn(f"{device.name} has no bfloat16 support; training in fp16 instead (training.precision).",
+                      stacklevel=2)
+        return "fp16"
+    return wanted
+
+
+def compute_dtype(quant: QuantizationConfig, precision: str) -> torch.dtype:
+    import torch
+
+    name = quant.bnb_4bit_compute_dtype
+    if name == "auto":
+        name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------------------------- builders
+
+
+def bnb_config(quant: QuantizationConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The quantization section as a BitsAndBytesConfig, or None when 4-bit is off."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not quant.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant.bnb_4bit_quant_storage),
+    )
+
+
+def lora_config(lora: LoraSection) -> LoraConfig:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        modules_to_save=lora.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def resolve_model_path(model: ModelConfig) -> str:
+    """The directory or hub id that from_pretrained receives (the tiny model is made on first use)."""
+    if model.name_or_path == TINY_MODEL_ID:
+        return str(ensure_tiny_model())
+    return model.name_or_path
+
+
+def load_config(model: ModelConfig) -> PretrainedConfig:
+    """The model's architecture, without weights: local config.json, a shipped one, or the hub."""
+    from transformers import AutoConfig
+
+    name = model.name_or_path
+    local = Path(name)
+    if name == TINY_MODEL_ID:
+        from .tiny import tiny_config
+
+        return tiny_config()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model directory {name!r} has no config.json", where="model.name_or_path",
+                            fix="Point to a directory saved with save_pretrained, or to a hub id")
+        return AutoConfig.from_pretrained(local, trust_remote_code=model.trust_remote_code)
+    if name in KNOWN_MODELS:
+        data = json.loads(resources.files("qlora_cli.models").joinpath(KNOWN_MODELS[name]).read_text())
+        model_type = data.pop("model_type")
+        return AutoConfig.for_model(model_type, **data)
+    try:
+        return AutoConfig.from_pretrained(name, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"model {name!r} needs its own Python code to load", where="model.trust_remote_code",
+                            fix="Set model.trust_remote_code: true if you trust that repository") from None
+        raise
+    except OSError as e:
+        raise UserError(
+            f"cannot find model {name!r} locally or on the hub ({str(e).splitlines()[0]})",
+            where="model.name_or_path",
+            fix="Give an existing local directory, check the hub id and network, "
+            f"or use a model whose config ships with qlora: {', '.join(sorted(KNOWN_MODELS))}",
+        ) from None
+
+
+def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token guaranteed (the EOS token is reused when there is none)."""
+    from transformers import AutoTokenizer
+
+    source = model.tokenizer or resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load the tokenizer from {source!r} ({str(e).splitlines()[0]})",
+            where="model.tokenizer" if model.tokenizer else "model.name_or_path",
+            fix="Give a directory with tokenizer files (or a reachable hub id) in model.tokenizer",
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.qlora_note = f"tokenizer has no pad token; using {tokenizer.pad_token!r} for padding"
+    return tokenizer
+
+
+def load_model(recipe: Recipe, device: Device, precision: str) -> PreTrainedModel:
+    """The base model in 4-bit (or 16-bit when quantization is off), ready for LoRA training.
+
+    Instead of `peft.prepare_model_for_kbit_training`, which upcasts every non-quantized weight to fp32
+    (memory and speed for no gain with bf16 compute), only what training needs is done: input embeddings
+    that require grad, so non-reentrant gradient checkpointing reaches the adapters.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(recipe.quantization, precision)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": recipe.model.attn_implementation,
+        "revision": recipe.model.revision,
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "quantization_config": bnb_config(recipe.quantization, dtype),
+    }
+    if device.is_cuda:
+        kwargs["device_map"] = {"": _local_cuda_index()}
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(recipe.model), **kwargs)
+    model.config.use_cache = False
+    if recipe.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def _local_cuda_index() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def check_target_modules(model: torch.nn.Module, lora: LoraSection) -> None:
+    """Fail early, listing the linear layers found, when `lora.target_modules` names none of them."""
+    if lora.target_modules == "all-linear":
+        return
+    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+    names = linear_module_names(model)
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise UserError(
+            f"target module(s) {', '.join(missing)} not found in the model",
+            where="lora.target_modules",
+            fix=f"Use `all-linear` or some of the model's linear layers: {', '.join(sorted(names))}",
+        )
+
+
+def linear_module_names(model: torch.nn.Module) -> set[str]:
+    """Last name parts of the model's linear layers (4-bit ones included), without the output head."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
+def meta_model(recipe: Recipe) -> torch.nn.Module:
+    """The architecture with LoRA attached on the meta device: parameter counts without reading weights."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(recipe.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    check_target_modules(model, recipe.lora)
+    return get_peft_model(model, lora_config(recipe.lora))
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return total, trainable
