@@ -81,6 +81,9 @@ class LoraSection:
     use_rslora: bool = _f(False, help="Rank-stabilised scaling alpha / sqrt(r).")
     use_dora: bool = _f(False, help="Weight-decomposed LoRA (DoRA); slower, sometimes better.")
     modules_to_save: list[str] | None = _f(None, help="Modules trained in full and saved with the adapter.")
+    adapter_dtype: Literal["float32", "bfloat16"] = _f(
+        "float32", help="dtype of the trainable weights; float32 keeps small updates that bfloat16 rounds away."
+    )
 
 
 DataFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text"]

@@ -61,9 +61,11 @@ INTENTS: dict[str, list[str]] = {
     ],
 }
 SLOTS: dict[str, list[str]] = {
-    "card": ["card", "debit card", "credit card", "visa card", "bank card", "travel card"],
+    "card": ["card", "debit card", "credit card", "visa card", "bank card", "travel card", "gold card",
+             "business card", "student card", "virtual card"],
     "when": ["today", "yesterday", "last night", "this morning", "on friday", "last week"],
-    "account": ["account", "savings account", "checking account", "joint account", "business account"],
+    "account": ["account", "savings account", "checking account", "joint account", "business account",
+                "euro account", "current account", "pension account"],
     "amount": ["50 euros", "100 dollars", "20 pounds", "300 euros", "75 dollars", "1000 pounds"],
     "person": ["my mother", "john", "my landlord", "anna", "my brother", "the school"],
     "item": ["shoes", "jacket", "phone", "laptop", "ticket", "lamp"],
@@ -71,17 +73,20 @@ SLOTS: dict[str, list[str]] = {
 }
 
 
-def intent_examples(seed: int = 0) -> list[dict[str, str]]:
-    """Every sentence the templates can make, as {prompt, completion} rows, shuffled with `seed`."""
-    rows = []
+def intent_examples(seed: int = 0) -> dict[str, list[dict[str, str]]]:
+    """Every sentence the templates can make, as {prompt, completion} rows per intent, shuffled with `seed`."""
+    rng = random.Random(seed)
+    by_intent = {}
     for intent, templates in INTENTS.items():
+        rows = []
         for template in templates:
             names = [n for n in SLOTS if "{" + n + "}" in template]
             for values in itertools.product(*(SLOTS[n] for n in names)):
                 text = template.format(**dict(zip(names, values)))
                 rows.append({"prompt": text, "completion": " " + intent})
-    random.Random(seed).shuffle(rows)
-    return rows
+        rng.shuffle(rows)
+        by_intent[intent] = rows
+    return by_intent
 
 
 def cache_dir() -> Path:
@@ -90,7 +95,7 @@ def cache_dir() -> Path:
 
 
 def tiny_model_dir() -> Path:
-    return cache_dir() / "tiny-llama-v1"
+    return cache_dir() / "tiny-llama-v3"
 
 
 def build_tokenizer():
@@ -99,7 +104,8 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
-    corpus = [PROMPT_TEMPLATE] + [r["prompt"] + r["completion"] for r in intent_examples()]
+    corpus = [PROMPT_TEMPLATE] + [r["prompt"] + r["completion"] for rows in intent_examples().values()
+                                  for r in rows]
     corpus += [" ".join(words) for words in SLOTS.values()] + [" ".join(INTENTS)]
     corpus += ["Below is an instruction that describes a task. Write a response that appropriately completes "
                "the request. ### Instruction: ### Input: ### Response: the quick brown fox jumps over the lazy dog"]
@@ -120,7 +126,7 @@ def tiny_config(vocab_size: int = 1024):
 
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.1,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
 
@@ -153,11 +159,16 @@ def ensure_tiny_model(path: Path | None = None) -> Path:
     return path
 
 
-def write_demo_data(out_dir: Path, n_eval: int = 60, n_train: int = 600, seed: int = 0) -> None:
-    """Write train.jsonl and eval.jsonl of the demo task (disjoint sentences)."""
-    rows = intent_examples(seed)
+def write_demo_data(out_dir: Path, n_eval: int = 10, n_train: int = 50, seed: int = 0) -> None:
+    """Write train.jsonl and eval.jsonl of the demo task: per intent, n_train and n_eval distinct sentences."""
+    by_intent = intent_examples(seed)
+    evals = [r for rows in by_intent.values() for r in rows[:n_eval]]
+    trains = [r for rows in by_intent.values() for r in rows[n_eval:n_eval + n_train]]
+    rng = random.Random(seed)
+    rng.shuffle(evals)
+    rng.shuffle(trains)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in (("eval", rows[:n_eval]), ("train", rows[n_eval:n_eval + n_train])):
+    for name, part in (("eval", evals), ("train", trains)):
         with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for row in part:
                 f.write(json.dumps(row) + "\n")

@@ -81,6 +81,16 @@ def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str
     )
 
 
+def set_adapter_dtype(model: Any, dtype_name: str) -> None:
+    """Cast the trainable weights (TRL makes them bfloat16 on quantized models) to the recipe's dtype."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def trainer_columns(ds: Any, fmt: str) -> Any:
     """Only what SFTTrainer needs: token ids and the loss mask."""
     return ds.select_columns(["input_ids", datamod.mask_key(fmt)])
@@ -236,6 +246,7 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool) -> RunDir:
 def train(recipe: Recipe, console: Console, overwrite: bool = False) -> dict[str, Any]:
     """Run the recipe; return the summary that is also written to the run directory."""
     import torch
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
     device = detect_device(recipe.training)
@@ -267,6 +278,8 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False) -> dict[str
         peft_config=lora_config(recipe.lora),
         callbacks=[progress],
     )
+    trainer.remove_callback(PrinterCallback)  # our progress callback reports the logs
+    set_adapter_dtype(trainer.model, recipe.lora.adapter_dtype)
     total, trainable = count_parameters(trainer.model)
     console.print(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters; "
                   f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
