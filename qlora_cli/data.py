@@ -333,8 +333,20 @@ def tokenize(fmt: str, ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_leng
 # ------------------------------------------------------------------------------------------------ the lot
 
 
-def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 42) -> PreparedData:
-    """Load, format and tokenize the training (and evaluation) rows of a recipe."""
+@dataclass
+class FormattedData:
+    """Rows in their canonical form, before tokenizing."""
+
+    format: str
+    train: Dataset
+    eval: Dataset | None
+    skipped: int = 0
+    eval_skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def load_rows(cfg: DataConfig, seed: int = 42) -> FormattedData:
+    """Load and format the training (and evaluation) rows of a recipe."""
     where = cfg.source if isinstance(cfg.source, str) else ", ".join(cfg.source)
     raw = load_source(cfg.source, cfg.subset, cfg.split)
     if cfg.max_rows:
@@ -360,19 +372,43 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 42)
                             where="data.eval_source", fix="Use the same format for both, or set data.format")
         if eval_skipped:
             notes.append(f"skipped {eval_skipped} evaluation row(s) with empty or invalid fields")
-    train, train_stats = tokenize(fmt, rows, tokenizer, cfg.max_length)
-    train_stats.skipped = skipped
+    return FormattedData(fmt, rows, eval_rows, skipped, eval_skipped, notes)
+
+
+def tokenize_rows(rows: FormattedData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> PreparedData:
+    """Tokenize formatted rows; count lengths, truncation and loss-carrying tokens."""
+    train, train_stats = tokenize(rows.format, rows.train, tokenizer, max_length)
+    train_stats.skipped = rows.skipped
     eval_ds, eval_stats = None, None
-    if eval_rows is not None:
-        eval_ds, eval_stats = tokenize(fmt, eval_rows, tokenizer, cfg.max_length)
-        eval_stats.skipped = eval_skipped
+    if rows.eval is not None:
+        eval_ds, eval_stats = tokenize(rows.format, rows.eval, tokenizer, max_length)
+        eval_stats.skipped = rows.eval_skipped
+    notes = list(rows.notes)
     if train_stats.truncated:
-        notes.append(f"{train_stats.truncated} training example(s) are longer than max_length={cfg.max_length} "
+        notes.append(f"{train_stats.truncated} training example(s) are longer than max_length={max_length} "
                      "tokens and will be truncated")
     note = getattr(tokenizer, "qlora_note", None)
     if note:
         notes.append(note)
-    return PreparedData(fmt, train, eval_ds, train_stats, eval_stats, notes)
+    return PreparedData(rows.format, train, eval_ds, train_stats, eval_stats, notes)
+
+
+def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 42) -> PreparedData:
+    """Load, format and tokenize the training (and evaluation) rows of a recipe."""
+    return tokenize_rows(load_rows(cfg, seed), tokenizer, cfg.max_length)
+
+
+def sample_texts(rows: FormattedData, limit: int = 2000) -> list[str]:
+    """Plain text of up to `limit` training rows (to train a stand-in tokenizer)."""
+    texts = []
+    for row in rows.train.select(range(min(limit, len(rows.train)))):
+        if rows.format == "chat":
+            texts.append("\n".join(m["content"] for m in row["messages"]))
+        elif rows.format == "text":
+            texts.append(row["text"])
+        else:
+            texts.append(row["prompt"] + row["completion"])
+    return texts
 
 
 def loss_segments(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], mask: list[int]) -> list[tuple[str, bool]]:

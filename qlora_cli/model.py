@@ -154,7 +154,8 @@ def load_config(model: ModelConfig) -> PretrainedConfig:
         model_type = data.pop("model_type")
         return AutoConfig.for_model(model_type, **data)
     try:
-        return AutoConfig.from_pretrained(name, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        return AutoConfig.from_pretrained(name, revision=model.revision, trust_remote_code=model.trust_remote_code,
+                                          local_files_only=not hub_reachable())
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"model {name!r} needs its own Python code to load", where="model.trust_remote_code",
@@ -169,14 +170,31 @@ def load_config(model: ModelConfig) -> PretrainedConfig:
         ) from None
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers at all (one quick TCP connect), so offline runs fail fast."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token guaranteed (the EOS token is reused when there is none)."""
     from transformers import AutoTokenizer
 
     source = model.tokenizer or resolve_model_path(model)
+    offline = not Path(source).is_dir() and not hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=model.revision, trust_remote_code=model.trust_remote_code
+            source, revision=model.revision, trust_remote_code=model.trust_remote_code, local_files_only=offline
         )
     except (OSError, ValueError) as e:
         raise UserError(

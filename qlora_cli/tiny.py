@@ -98,27 +98,34 @@ def tiny_model_dir() -> Path:
     return cache_dir() / "tiny-llama-v3"
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer (vocab 1024) trained on the demo task's vocabulary."""
+def bpe_tokenizer(corpus: list[str], vocab_size: int, chat_template: str | None = CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained on `corpus` with the `tokenizers` library (any text encodes)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        chat_template=chat_template, model_max_length=1 << 20,
+    )
+
+
+def build_tokenizer():
+    """The tiny model's tokenizer: byte-level BPE (vocab <= 1024) trained on the demo task's vocabulary."""
     corpus = [PROMPT_TEMPLATE] + [r["prompt"] + r["completion"] for rows in intent_examples().values()
                                   for r in rows]
     corpus += [" ".join(words) for words in SLOTS.values()] + [" ".join(INTENTS)]
     corpus += ["Below is an instruction that describes a task. Write a response that appropriately completes "
                "the request. ### Instruction: ### Input: ### Response: the quick brown fox jumps over the lazy dog"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE, model_max_length=512,
-    )
+    tokenizer = bpe_tokenizer(corpus, 1024)
+    tokenizer.model_max_length = 512
+    return tokenizer
 
 
 def tiny_config(vocab_size: int = 1024):

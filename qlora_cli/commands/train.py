@@ -208,6 +208,15 @@ def print_example(prepared: datamod.PreparedData, tokenizer: Any, console: Conso
     console.print(text)
 
 
+def stand_in_tokenizer(rows: datamod.FormattedData, recipe: Recipe) -> Any:
+    """A byte-level BPE tokenizer trained on the data itself, for dry runs when the real one is out of reach."""
+    from ..model import load_config
+    from ..tiny import bpe_tokenizer
+
+    vocab = min(getattr(load_config(recipe.model), "vocab_size", 32000), 32000)
+    return bpe_tokenizer(datamod.sample_texts(rows), vocab)
+
+
 def dry_run(recipe: Recipe, console: Console) -> None:
     """Everything but the weights: the resolved recipe, parameter counts, data summary, first example."""
     from rich.syntax import Syntax
@@ -217,8 +226,14 @@ def dry_run(recipe: Recipe, console: Console) -> None:
     total, trainable = count_parameters(model)
     console.print(f"Parameters: {total:,} total, {trainable:,} trainable "
                   f"({100 * trainable / total:.3f} %) with LoRA r={recipe.lora.r}")
-    tokenizer = load_tokenizer(recipe.model)
-    prepared = datamod.prepare(recipe.data, tokenizer, recipe.training.seed)
+    rows = datamod.load_rows(recipe.data, recipe.training.seed)
+    try:
+        tokenizer = load_tokenizer(recipe.model)
+    except UserError as e:
+        tokenizer = stand_in_tokenizer(rows, recipe)
+        console.print(f"[yellow]note:[/] {e.message}; token counts below come from a stand-in BPE tokenizer "
+                      "trained on your data, so they are approximate.", highlight=False)
+    prepared = datamod.tokenize_rows(rows, tokenizer, recipe.data.max_length)
     print_data_summary(prepared, console)
     print_example(prepared, tokenizer, console)
     try:
