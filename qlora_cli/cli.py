@@ -75,6 +75,94 @@ def train(
         cmd.train(r, console, overwrite=overwrite)
 
 
+@app.command()
+def merge(
+    path: Annotated[Path, typer.Argument(help="Run directory (or its adapter/ directory) written by qlora train.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged model (must not exist).")],
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model directory or hub id; default: the run's recipe.")
+    ] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights of the merged model: bf16, fp16 or fp32.")] = "bf16",
+    max_shard_size: Annotated[
+        str, typer.Option("--max-shard-size", help="Largest safetensors shard, e.g. 5GB or 500MB.")
+    ] = "5GB",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (GPU when it fits, else CPU), cpu or cuda.")
+    ] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+) -> None:
+    """Merge a run's LoRA adapter into its base model: a plain checkpoint for vLLM, TGI or llama.cpp.
+
+    The base is reloaded in 16-bit (not the 4-bit weights of training), the adapter merged with PEFT, and the
+    merged logits checked against base + adapter on a few prompts before sharded safetensors, config,
+    tokenizer and a model card are written; the output appears only when complete.
+    """
+    from .commands import merge as cmd
+
+    cmd.merge(path, out, base=base, dtype=dtype, max_shard_size=max_shard_size, device=device,
+              overwrite=overwrite, console=console)
+
+
+EvalPathArg = Annotated[Path, typer.Argument(help="Run directory, adapter directory or merged model directory.")]
+
+
+@app.command("eval")
+def eval_(
+    path: EvalPathArg,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Evaluate on this file (same columns as training) instead.")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="Take the data and evaluation sections from this recipe.")
+    ] = None,
+    split: Annotated[
+        str, typer.Option("--split", help="eval (the recipe's held-out rows), train, or a hub split, e.g. test.")
+    ] = "eval",
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also evaluate the untrained base, side by side.")
+    ] = False,
+    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate only the first N rows.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Score a fine-tune: loss, perplexity and, for prompt -> answer data, accuracy and macro-F1.
+
+    Rows are formatted as in training; answers are generated greedily and normalised as the recipe's
+    evaluation section says (e.g. --set evaluation.lowercase=true). Results go to eval.json in the run
+    directory, and the run's loss curve to loss.png.
+    """
+    import json
+
+    from .commands import eval as cmd
+
+    report = cmd.evaluate(path, recipe, data, split, compare_base=compare_base, limit=limit, overrides=set_,
+                          console=err_console if json_ else console)
+    if json_:
+        typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def generate(
+    path: EvalPathArg,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="Prompt to answer (repeatable); none: interactive.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Longest answer; default evaluation.max_new_tokens.")
+    ] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send prompts as typed, without the training format.")] = False,
+    no_adapter: Annotated[
+        bool, typer.Option("--no-adapter", help="Answer with the base model (the adapter switched off).")
+    ] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Answer prompts with a fine-tune, formatted as in training, for a quick look at its outputs."""
+    from .commands import eval as cmd
+
+    cmd.generate_command(path, prompt, max_new_tokens=max_new_tokens, raw=raw, no_adapter=no_adapter,
+                         overrides=set_, console=console)
+
+
 def run() -> None:
     """Entry point: user errors become one message and exit code 2; --debug shows the traceback."""
     try:

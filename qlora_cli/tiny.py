@@ -133,7 +133,9 @@ def tiny_config(vocab_size: int = 1024):
 
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        # Wider than the usual 0.02 so that, like a pretrained model, the output head can give confident logits.
+        initializer_range=0.1,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
 

@@ -272,9 +272,9 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False) -> dict[str
 
     run = prepare_run_dir(recipe, overwrite)
     atomic_write_text(run.recipe, recipe.to_yaml())
-    console.print(f"Loading {recipe.model.name_or_path} "
-                  f"({'4-bit ' + recipe.quantization.bnb_4bit_quant_type if recipe.quantization.load_in_4bit else '16-bit'}"
-                  f", {precision}) on {device.name}")
+    q = recipe.quantization
+    weights = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "16-bit"
+    console.print(f"Loading {recipe.model.name_or_path} ({weights}, {precision}) on {device.name}")
     t0 = time.perf_counter()
     model = load_model(recipe, device, precision)
     check_target_modules(model, recipe.lora)

@@ -1,0 +1,131 @@
+"""`qlora train` end to end on the tiny model: real NF4 layers, paged 8-bit AdamW and TRL's SFTTrainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, demo_recipe
+
+from qlora_cli.commands.train import build_sft_config, dry_run, train
+from qlora_cli.errors import UserError
+from qlora_cli.model import Device, meta_model
+from qlora_cli.run_dir import RunDir
+
+
+def test_dry_run_shows_recipe_parameters_data_and_the_loss_carrying_part(tmp_path: Path, console) -> None:
+    recipe = demo_recipe(tmp_path)
+    dry_run(recipe, console)
+    out = console.export_text()
+    assert "name_or_path: qlora/tiny-llama" in out
+    assert "Parameters: 2,149,632 total, 149,504 trainable" in out
+    assert "│ train │   300 │" in out.replace("│ train │  300 │", "│ train │   300 │")
+    assert "Classify the banking request:" in out and "green carries loss" in out
+    assert not (tmp_path / "run").exists(), "a dry run writes nothing"
+
+
+def test_dry_run_of_a_7b_recipe_reads_no_weights(tmp_path: Path, console, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    from qlora_cli.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "mistral7b.yaml")
+    model = meta_model(recipe)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    dry_run(recipe, console)
+    out = console.export_text()
+    assert "Parameters: 7,283,675,136 total, 41,943,040 trainable" in out
+
+
+def test_sft_config_mirrors_the_recipe(tmp_path: Path) -> None:
+    recipe = demo_recipe(tmp_path, "training.gradient_accumulation_steps=3", "data.packing=true")
+    args = build_sft_config(recipe, RunDir(tmp_path / "run"), Device("cpu", "CPU", None, True), "bf16", True)
+    assert args.optim == "paged_adamw_8bit"
+    assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert (args.gradient_accumulation_steps, args.max_length, args.packing) == (3, 64, True)
+    assert args.bf16 and not args.fp16
+    assert args.eval_on_start  # from training.sft_args
+
+
+def test_training_lowers_loss_and_saves_a_safetensors_adapter(trained_run) -> None:
+    run, summary = trained_run
+    assert summary["steps"] == 150
+    assert summary["final_eval_loss"] < summary["first_eval_loss"] / 2
+    assert summary["comparison"]["adapter_accuracy"] > summary["comparison"]["base_accuracy"] + 0.4
+    files = {p.name for p in run.adapter.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= files
+    assert not any(name.endswith(".bin") for name in files)
+    metrics = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0] / 2
+    assert all("tokens_per_s" in m and "peak_memory_bytes" in m for m in metrics if "loss" in m)
+    assert "name_or_path: qlora/tiny-llama" in run.recipe.read_text()
+    saved = json.loads(run.summary.read_text())
+    assert saved["steps"] == 150 and saved["tokens_per_s"] > 0
+
+
+def test_adapter_loads_onto_the_4bit_base_and_changes_its_logits(trained_run, tiny_model_dir: Path) -> None:
+    import bitsandbytes as bnb
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    run, _ = trained_run
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, dtype=torch.bfloat16)
+    assert isinstance(base.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+    tok = AutoTokenizer.from_pretrained(run.adapter)
+    row = json.loads((REPO / "data" / "tiny-intents" / "train.jsonl").read_text().splitlines()[0])
+    ids = tok(f"Classify the banking request: {row['prompt']}\nIntent:", return_tensors="pt")
+    with torch.no_grad():
+        before = base(**ids).logits
+        tuned = PeftModel.from_pretrained(base, run.adapter)
+        after = tuned(**ids).logits
+        next_token = tok.decode(after[0, -1].argmax())
+    assert (after - before).abs().max() > 1.0
+    assert row["completion"].startswith(next_token)
+
+
+def test_an_existing_run_directory_is_not_overwritten(trained_run, console) -> None:
+    run, _ = trained_run
+    recipe = demo_recipe(run.path.parent)
+    with pytest.raises(UserError, match="already exists"):
+        train(recipe, console)
+    assert run.is_complete()
+
+
+def test_4bit_training_without_gpu_needs_an_explicit_opt_in(tmp_path: Path, console) -> None:
+    recipe = demo_recipe(tmp_path, "training.allow_cpu=false")
+    with pytest.raises(UserError, match="no CUDA GPU is visible") as e:
+        train(recipe, console)
+    assert e.value.where == "training.allow_cpu"
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_target_modules_list_the_linear_layers(tmp_path: Path) -> None:
+    recipe = demo_recipe(tmp_path, "lora.target_modules=[q_proj, qkv_proj]")
+    with pytest.raises(UserError) as e:
+        meta_model(recipe)
+    assert "qkv_proj" in e.value.message
+    assert "gate_proj" in e.value.fix and "q_proj" in e.value.fix
+
+
+def test_cli_reports_user_errors_in_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model:\n  name_or_path: qlora/tiny-llama\ndata:\n  source: x.jsonl\nlora:\n  rank: 8\n")
+    proc = subprocess.run([sys.executable, "-m", "qlora_cli.cli", "train", str(bad), "--dry-run"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown key `rank` in lora" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") <= 3
+
+
+def test_cli_help_lists_the_options() -> None:
+    proc = subprocess.run([sys.executable, "-m", "qlora_cli.cli", "train", "--help"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0
+    for option in ("--set", "--dry-run", "--overwrite"):
+        assert option in proc.stdout
