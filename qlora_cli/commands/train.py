@@ -335,6 +335,8 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False) -> dict[str
     if recipe.evaluation.compare_after_training and prepared.eval is not None and prepared.format != "text":
         summary["comparison"] = compare_base_and_adapter(recipe, prepared, trainer.model, tokenizer, console)
     atomic_write_json(run.summary, summary)
+    from ..plot import save_loss_plot  # loss.png in the run directory: train and eval loss by step
+    save_loss_plot(run)
     print_summary(summary, run, console)
     return summary
 
