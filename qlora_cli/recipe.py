@@ -149,6 +149,9 @@ class TrainingConfig:
     eval_steps: int | None = _f(None, help="Evaluate every N steps; default once per epoch and at the end.", gt=0)
     save_steps: int = _f(500, help="Checkpoint every N steps.", gt=0)
     save_total_limit: int | None = _f(2, help="Keep at most N checkpoints.", gt=0)
+    use_liger_kernel: bool = _f(
+        True, help="Liger's fused RMSNorm/SwiGLU/RoPE kernels, on CUDA when liger-kernel is installed."
+    )
     allow_cpu: bool = _f(False, help="Train on the CPU when no CUDA GPU is visible (tiny models and tests only).")
     sft_args: dict[str, Any] = _f(
         {}, help="Any other trl.SFTConfig / TrainingArguments field, passed through after validation."

@@ -76,9 +76,16 @@ def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str
         packing=recipe.data.packing,
         completion_only_loss=True,
         dataset_num_proc=None,
+        use_liger_kernel=t.use_liger_kernel and device.is_cuda and liger_available(),
         **eval_args,
         **t.sft_args,
     )
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def set_adapter_dtype(model: Any, dtype_name: str) -> None:
@@ -258,7 +265,8 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool) -> RunDir:
     return run
 
 
-def train(recipe: Recipe, console: Console, overwrite: bool = False) -> dict[str, Any]:
+def train(recipe: Recipe, console: Console, overwrite: bool = False,
+          callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Run the recipe; return the summary that is also written to the run directory."""
     import torch
     from transformers.trainer_callback import PrinterCallback
@@ -291,7 +299,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False) -> dict[str
         eval_dataset=trainer_columns(prepared.eval, prepared.format) if prepared.eval is not None else None,
         processing_class=tokenizer,
         peft_config=lora_config(recipe.lora),
-        callbacks=[progress],
+        callbacks=[progress, *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # our progress callback reports the logs
     set_adapter_dtype(trainer.model, recipe.lora.adapter_dtype)

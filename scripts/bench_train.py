@@ -1,0 +1,341 @@
+"""Training-speed benchmark: the usual transformers+peft+bitsandbytes+TRL recipe vs `qlora train`.
+
+One invocation, one GPU: builds (or reuses) a random-weight checkpoint of a real shape, writes one synthetic
+dataset, then runs each variant in its own process (clean CUDA memory statistics) on the same data, micro-batch,
+sequence length and steps. Prints a table and writes JSON: tokens/s (real, non-pad tokens, after warm-up), median
+step time, peak allocated and reserved memory, load time and the first losses.
+
+    python scripts/bench_train.py --shape mistral7b --steps 12 --warmup 3 --out bench.json
+    python scripts/bench_train.py --shape tiny --device cpu --steps 4 --warmup 1       # CPU dry run of the script
+
+Variants (`--variants`, comma-separated):
+  baseline         prepare_model_for_kbit_training, SDPA, TRL packing, LoRA r16/a32/d0.05 on 7 projections,
+                   paged 8-bit AdamW, gradient checkpointing: the recipe blog posts copy
+  baseline-liger   the same with TRL's use_liger_kernel=True
+  qlora            `qlora train` with its defaults on the equivalent recipe
+  qlora-<k=v;...>  `qlora train` with recipe overrides, e.g. "qlora-lora.lora_dropout=0"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {"mistral7b": "mistral-7b.json", "llama3-8b": "llama-3-8b.json", "qwen2.5-7b": "qwen2.5-7b.json"}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def make_checkpoint(shape: str, path: Path, device: str) -> Path:
+    """A random-weight bf16 checkpoint of the shape, with a BPE tokenizer trained on the synthetic corpus."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_cli.tiny import bpe_tokenizer, ensure_tiny_model
+
+    if (path / "config.json").is_file():
+        return path
+    if shape == "tiny":
+        src = ensure_tiny_model()
+        import shutil
+
+        shutil.copytree(src, path)
+        return path
+    data = json.loads((REPO / "qlora_cli" / "models" / SHAPES[shape]).read_text())
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer = bpe_tokenizer(corpus(2000, seed=1), vocab_size=min(config.vocab_size, 16000), chat_template=None)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(path)
+    del model
+    print(f"made {shape} checkpoint in {time.perf_counter() - t0:.0f} s at {path}", flush=True)
+    return path
+
+
+def corpus(n_docs: int, seed: int = 0) -> list[str]:
+    """Documents of pseudo-words with lengths spread like real SFT data (a few hundred to a few thousand words)."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "ve", "so", "pi", "de", "gu", "fa", "zo", "hi", "be", "qu"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(4000)]
+    docs = []
+    for _ in range(n_docs):
+        n = int(min(3000, max(50, rng.lognormvariate(6.0, 0.8))))
+        docs.append(" ".join(rng.choice(words) for _ in range(n)) + ".")
+    return docs
+
+
+def write_data(path: Path, n_docs: int) -> Path:
+    if not path.is_file():
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus(n_docs)))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+class Timer:
+    """A TrainerCallback recording wall time and real tokens at each logged step (logging_steps=1).
+
+    Logging reads the loss with `.item()`, which waits for the GPU, so consecutive times are step times.
+    """
+
+    def __init__(self, profile_to: Path | None = None, profile_steps: tuple[int, int] = (0, 0)) -> None:
+        self.records: list[dict] = []
+        self.profile_to = profile_to
+        self.profile_steps = profile_steps
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        records = self.records
+        timer = self
+
+        class _Timer(TrainerCallback):
+            prof = None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if timer.profile_to and state.global_step == timer.profile_steps[0]:
+                    import torch
+
+                    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if self.prof is not None and state.global_step == timer.profile_steps[1]:
+                    import torch
+
+                    torch.cuda.synchronize()
+                    self.prof.__exit__(None, None, None)
+                    table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
+                                                           max_name_column_width=70)
+                    timer.profile_to.write_text(table)
+                    self.prof = None
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    records.append({"step": state.global_step, "t": time.perf_counter(),
+                                    "tokens": state.num_input_tokens_seen, "loss": float(logs["loss"])})
+
+        return _Timer()
+
+
+def summarize(records: list[dict], warmup: int, load_s: float, device: str) -> dict:
+    import torch
+
+    timed = [r for r in records if r["step"] > warmup]
+    steps = [b["t"] - a["t"] for a, b in zip(timed, timed[1:])]
+    tokens = timed[-1]["tokens"] - timed[0]["tokens"]
+    elapsed = timed[-1]["t"] - timed[0]["t"]
+    out = {
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+        "median_step_s": statistics.median(steps) if steps else None,
+        "timed_steps": len(steps),
+        "load_s": load_s,
+        "losses": [round(r["loss"], 5) for r in records],
+    }
+    if device == "cuda":
+        out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    return out
+
+
+def run_baseline(ckpt: Path, data: Path, a: argparse.Namespace, liger: bool) -> dict:
+    """The usual recipe, written plainly as the blog posts do."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = a.device == "cuda"
+    t0 = time.perf_counter()
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa",
+                                                 device_map={"": 0} if cuda else None)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    load_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(a.workdir / "baseline-out"), per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=1, max_steps=a.warmup + a.steps + 1, learning_rate=2e-4,
+        lr_scheduler_type="cosine", warmup_steps=0.03, optim="paged_adamw_8bit", gradient_checkpointing=True,
+        bf16=True, packing=True, max_length=a.seq_len, logging_steps=1, save_strategy="no", report_to="none",
+        include_num_input_tokens_seen="non_padding", use_cpu=not cuda, seed=42, data_seed=42,
+        use_liger_kernel=liger, disable_tqdm=True, max_grad_norm=0.3,
+    )
+    timer = make_timer(a, "baseline-liger" if liger else "baseline")
+    ds = load_dataset("json", data_files=str(data), split="train")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, peft_config=lora,
+                         callbacks=[timer.callback()])
+    trainer.train()
+    return summarize(timer.records, a.warmup, load_s, a.device)
+
+
+def run_qlora(ckpt: Path, data: Path, a: argparse.Namespace, overrides: list[str]) -> dict:
+    """`qlora train` on the equivalent recipe, through its own code path."""
+    from rich.console import Console
+
+    from qlora_cli.commands import train as train_cmd
+    from qlora_cli.recipe import load_recipe
+
+    cuda = a.device == "cuda"
+    recipe_path = a.workdir / "bench-recipe.yaml"
+    recipe_path.write_text(f"""
+model: {{name_or_path: {ckpt}, attn_implementation: sdpa}}
+lora: {{r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: {TARGETS}}}
+data: {{source: {data}, format: text, max_length: {a.seq_len}, packing: true}}
+training:
+  max_steps: {a.warmup + a.steps + 1}
+  per_device_train_batch_size: {a.micro_batch}
+  gradient_accumulation_steps: 1
+  learning_rate: 2.0e-4
+  lr_scheduler_type: cosine
+  warmup_steps: 0.03
+  logging_steps: 1
+  save_steps: 100000
+  allow_cpu: {str(not cuda).lower()}
+""")
+    recipe = load_recipe(recipe_path, [f"training.output_dir={a.workdir / 'qlora-out'}", *overrides])
+    timer = make_timer(a, "qlora" + ("-" + "-".join(overrides) if overrides else ""))
+    summary = train_cmd.train(recipe, Console(stderr=True, width=120), overwrite=True,
+                              callbacks=[timer.callback()])
+    return summarize(timer.records, a.warmup, summary["load_time_s"], a.device)
+
+
+def make_timer(a: argparse.Namespace, variant: str) -> Timer:
+    if not a.profile_dir:
+        return Timer()
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
+    return Timer(Path(a.profile_dir) / f"profile-{name}.txt", (a.warmup + 1, a.warmup + 2))
+
+
+def child(a: argparse.Namespace) -> None:
+    """Run one variant and print its result as the last line (JSON)."""
+    ckpt, data = Path(a.ckpt), Path(a.data)
+    variant = a.child
+    if variant == "baseline":
+        result = run_baseline(ckpt, data, a, liger=False)
+    elif variant == "baseline-liger":
+        result = run_baseline(ckpt, data, a, liger=True)
+    else:
+        overrides = [o for o in variant.removeprefix("qlora").lstrip("-").split(";") if o]
+        result = run_qlora(ckpt, data, a, overrides)
+    result["variant"] = variant
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "liger-kernel", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="mistral7b", choices=[*SHAPES, "tiny"])
+    p.add_argument("--variants", default="baseline,baseline-liger,qlora")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=12, help="timed optimizer steps (after warm-up)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--docs", type=int, default=3000, help="synthetic documents")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"))
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--profile-dir", default=None, help="write a torch profiler table of 2 steps per variant here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    if a.child:
+        child(a)
+        return
+
+    ckpt = make_checkpoint(a.shape, a.workdir / f"ckpt-{a.shape}", a.device)
+    data = write_data(a.workdir / f"data-{a.docs}.jsonl", a.docs)
+    results = []
+    for variant in a.variants.split(","):
+        cmd = [sys.executable, __file__, "--child", variant, "--ckpt", str(ckpt), "--data", str(data),
+               "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
+               "--warmup", str(a.warmup), "--device", a.device, "--workdir", str(a.workdir)]
+        if a.profile_dir:
+            cmd += ["--profile-dir", a.profile_dir]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"--- {variant} failed (exit {proc.returncode}) ---\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            results.append({"variant": variant, "error": proc.stderr[-2000:]})
+            continue
+        result = json.loads(lines[-1][len("RESULT "):])
+        result["wall_s"] = time.perf_counter() - t0
+        results.append(result)
+        print(f"{variant}: {result['tokens_per_s']:.0f} tok/s", flush=True)
+
+    base = next((r for r in results if r["variant"] == "baseline" and "error" not in r), None)
+    print(f"\nshape {a.shape}, micro-batch {a.micro_batch} x {a.seq_len} tokens, {a.steps} timed steps after "
+          f"{a.warmup} warm-up, device {device_name(a.device)}")
+    print(f"{'variant':<34}{'tok/s':>9}{'x base':>8}{'step s':>8}{'alloc GB':>10}{'resv GB':>9}{'x mem':>7}"
+          f"{'load s':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<34} FAILED")
+            continue
+        speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        alloc, resv = r.get("peak_allocated_gb", 0.0), r.get("peak_reserved_gb", 0.0)
+        mem = alloc / base["peak_allocated_gb"] if base and base.get("peak_allocated_gb") else float("nan")
+        print(f"{r['variant']:<34}{r['tokens_per_s']:>9.0f}{speed:>8.2f}{r['median_step_s']:>8.3f}{alloc:>10.2f}"
+              f"{resv:>9.2f}{mem:>7.2f}{r['load_s']:>8.1f}")
+    print("\nfirst losses:")
+    for r in results:
+        if "error" not in r:
+            print(f"  {r['variant']:<34}" + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
+    report = {"shape": a.shape, "micro_batch": a.micro_batch, "seq_len": a.seq_len, "steps": a.steps,
+              "warmup": a.warmup, "device": device_name(a.device), "versions": versions(), "results": results}
+    if a.out:
+        a.out.write_text(json.dumps(report, indent=2))
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
