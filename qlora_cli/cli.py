@@ -163,6 +163,35 @@ def generate(
                          overrides=set_, console=console)
 
 
+@app.command()
+def footprint(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    gpu: Annotated[list[str] | None, typer.Option(
+        "--gpu", help="GPU to judge against, e.g. --gpu L4 (repeatable); default: T4, L4, RTX 4090, A100, H100."),
+    ] = None,
+    vram: Annotated[str | None, typer.Option("--vram", help="GPU memory to judge against, e.g. --vram 24GB.")] = None,
+    max_batch: Annotated[bool, typer.Option(
+        "--max-batch", help="Report the largest micro-batch that fits each GPU.")] = False,
+    json_: Annotated[bool, typer.Option(
+        "--json", help="Print the estimate, verdicts and suggestions as JSON.")] = False,
+    measure: Annotated[bool, typer.Option(
+        "--measure", help="On a CUDA GPU: run 2 training steps and print measured memory next to the estimate."),
+    ] = False,
+) -> None:
+    """Estimate the GPU memory of a run before downloading weights: by component, with a verdict per GPU.
+
+    Reads only the model's config (a local directory, or the shipped config of a known model). When the run
+    does not fit the GPU named with --gpu or --vram, ranked changes to the recipe are listed with the total each
+    gives. docs/footprint.md explains every term and how the estimate was checked against measured runs.
+    """
+    from .commands import footprint as cmd
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, set_)
+    cmd.footprint(r, console, gpus=gpu, vram=vram, max_batch=max_batch, as_json=json_, measure=measure)
+
+
 def run() -> None:
     """Entry point: user errors become one message and exit code 2; --debug shows the traceback."""
     try:
