@@ -282,6 +282,8 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     atomic_write_text(run.recipe, recipe.to_yaml())
     q = recipe.quantization
     weights = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "16-bit"
+    from ..footprint import warn_if_too_big  # the memory estimate, before any weight is read
+    warn_if_too_big(recipe, device, console, prepared)
     console.print(f"Loading {recipe.model.name_or_path} ({weights}, {precision}) on {device.name}")
     t0 = time.perf_counter()
     model = load_model(recipe, device, precision)
