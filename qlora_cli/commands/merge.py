@@ -243,10 +243,6 @@ class Plan:
     device: str
 
     @property
-    def shards(self) -> int:
-        return max(1, math.ceil(self.weights_bytes / self.shard_bytes))
-
-    @property
     def memory_bytes(self) -> int:
         """Base weights in the dtype, the adapter in fp32, and one large layer's update (B @ A) at a time."""
         return int(self.weights_bytes + self.adapter_bytes + 0.05 * self.weights_bytes)
@@ -471,7 +467,7 @@ def merge(path: str | Path, out: str | Path, base: str | None = None, dtype: str
     adapter_bytes = 4 * sum(math.prod(s) for s in adapter_shapes(source.adapter).values())
     plan = Plan(parameters, dtype, parameters * DTYPE_BYTES[dtype], adapter_bytes, shard_bytes, "cpu")
     console.print(f"Merging {source.adapter} into {base_name} ({base_from}) in {dtype}: "
-                  f"{parameters:,} parameters, {fmt_bytes(plan.weights_bytes)} in {plan.shards} shard(s) "
+                  f"{parameters:,} parameters, {fmt_bytes(plan.weights_bytes)} in safetensors shards "
                   f"of up to {fmt_bytes(shard_bytes)}", highlight=False)
     check_disk(out, plan.disk_bytes)
     for old in leftover_partials(out):
