@@ -83,6 +83,25 @@ def resolve_precision(training: TrainingConfig, device: Device) -> str:
     return wanted
 
 
+def resolve_attention(recipe: Recipe, device: Device) -> str:
+    """`auto` -> flex_attention where it pays (CUDA, packed sequences), else sdpa.
+
+    Packed (padding-free) batches are one long row with a block-diagonal mask; sdpa computes the whole
+    row x row score matrix, flex attention skips the blocks between examples (measured in docs/performance.md).
+    """
+    impl = recipe.model.attn_implementation
+    if impl != "auto":
+        return impl
+    if device.is_cuda and recipe.data.packing:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
+            return "flex_attention"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
 def compute_dtype(quant: QuantizationConfig, precision: str) -> torch.dtype:
     import torch
 
@@ -220,7 +239,7 @@ def load_model(recipe: Recipe, device: Device, precision: str) -> PreTrainedMode
     dtype = compute_dtype(recipe.quantization, precision)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
-        "attn_implementation": recipe.model.attn_implementation,
+        "attn_implementation": resolve_attention(recipe, device),
         "revision": recipe.model.revision,
         "trust_remote_code": recipe.model.trust_remote_code,
         "quantization_config": bnb_config(recipe.quantization, dtype),

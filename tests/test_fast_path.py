@@ -1,0 +1,106 @@
+"""Speed work must not change training: qlora's fast path and the usual recipe give the same loss and gradients.
+
+The usual recipe (what blog posts copy): `prepare_model_for_kbit_training` (every non-quantized weight upcast to
+fp32), fp32 LoRA weights, a padded batch with an attention mask. qlora's path: no upcast, bf16 LoRA weights and a
+padding-free batch (the examples concatenated into one row, told apart by position ids) through TRL's collator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import demo_recipe
+
+from qlora_cli import data as datamod
+from qlora_cli.commands.train import set_adapter_dtype
+from qlora_cli.model import Device, load_model, load_tokenizer, lora_config
+
+
+def one_step(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
+    return loss.item(), grads
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model_dir: Path, tmp_path_factory):
+    recipe = demo_recipe(tmp_path_factory.mktemp("fast"), "data.max_rows=3", "lora.lora_dropout=0")
+    tokenizer = load_tokenizer(recipe.model)
+    prepared = datamod.prepare(recipe.data, tokenizer)
+    rows = [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in prepared.train]
+    return recipe, tokenizer, rows
+
+
+def test_fast_path_matches_the_usual_recipe(examples, tiny_model_dir: Path) -> None:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    recipe, tokenizer, rows = examples
+    for r in rows:  # the labels TRL builds from the completion mask
+        r["labels"] = [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]
+    features = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
+
+    # The usual recipe: fp32 upcast, fp32 adapters, padded batch.
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa")
+    plain = prepare_model_for_kbit_training(plain, use_gradient_checkpointing=True)
+    torch.manual_seed(0)
+    plain = get_peft_model(plain, lora_config(recipe.lora))
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(features)
+    assert padded["input_ids"].shape[0] == 3 and "attention_mask" in padded
+
+    # qlora's path: no upcast, bf16 adapters, padding-free batch.
+    fast = load_model(recipe, Device("cpu", "CPU", None, True), "bf16")
+    assert fast.model.norm.weight.dtype == torch.bfloat16  # nothing upcast to fp32
+    torch.manual_seed(0)
+    fast = get_peft_model(fast, lora_config(recipe.lora))
+    set_adapter_dtype(fast, "bfloat16")
+    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features)
+    assert flat["input_ids"].shape[0] == 1 and "position_ids" in flat
+
+    # LoRA B starts at zero, so the first step's outputs equal the base model's; put both in the same
+    # non-trivial state to compare the gradients that reach every adapter weight.
+    with torch.no_grad():
+        for (name, p_plain), (_, p_fast) in zip(
+            [(n, p) for n, p in plain.named_parameters() if "lora_" in n],
+            [(n, p) for n, p in fast.named_parameters() if "lora_" in n],
+        ):
+            assert p_plain.shape == p_fast.shape, name
+            p_plain.copy_(torch.randn_like(p_plain, dtype=torch.float32) * 0.02)
+            p_fast.copy_(p_plain.to(p_fast.dtype))
+
+    loss_plain, grads_plain = one_step(plain, padded)
+    loss_fast, grads_fast = one_step(fast, flat)
+    assert loss_fast == pytest.approx(loss_plain, rel=2e-2)
+    assert grads_plain.keys() == grads_fast.keys() and len(grads_plain) == 14
+    for name in grads_plain:
+        a, b = grads_plain[name].flatten(), grads_fast[name].flatten()
+        cosine = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+        assert cosine > 0.98, (name, cosine)
+        assert (b.norm() / a.norm()).item() == pytest.approx(1.0, abs=0.05), name
+
+
+def test_packed_examples_do_not_attend_to_each_other(examples, tiny_model_dir: Path) -> None:
+    """Padding-free packing gives each example the logits it has alone (per-sequence attention)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    recipe, tokenizer, rows = examples
+    model = load_model(recipe, Device("cpu", "CPU", None, True), "bf16")
+    features = [{"input_ids": r["input_ids"]} for r in rows]
+    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features)
+    with torch.no_grad():
+        packed = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"]).logits[0]
+        start = 0
+        for r in rows:
+            alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+            part = packed[start:start + len(r["input_ids"])]
+            assert (part.float() - alone.float()).abs().max().item() < 0.1
+            start += len(r["input_ids"])
