@@ -223,7 +223,7 @@ def test_missing_adapter_files_are_named(trained_run, tmp_path):
 @pytest.mark.parametrize("dtype", ["int4", "bfloat8", "q4_k_m"])
 def test_unsupported_dtypes_are_refused(trained_run, tmp_path, dtype):
     run, _ = trained_run
-    with pytest.raises(UserError, match=f"--dtype '{dtype}' is not supported") as err:
+    with pytest.raises(UserError, match=f"dtype '{dtype}' is not supported") as err:
         merge(run.path, tmp_path / "out", dtype=dtype, console=_quiet())
     assert "bf16, fp16 or fp32" in err.value.fix
 

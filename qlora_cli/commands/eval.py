@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -216,10 +217,12 @@ def load_adapter_model(target: Target) -> Any:
     else:
         dev = Device("cpu", "CPU", None, True)
     precision = resolve_precision(target.recipe.training, dev)
+    attention = target.base.attn_implementation
+    attention = "sdpa" if attention == "auto" else attention  # `auto` picks a kernel for packed training only
     dtype = compute_dtype(target.recipe.quantization, precision)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(target.base), dtype=dtype, quantization_config=bnb_config(target.recipe.quantization, dtype),
-        attn_implementation=target.base.attn_implementation, revision=target.base.revision,
+        attn_implementation=attention, revision=target.base.revision,
         trust_remote_code=target.base.trust_remote_code, device_map={"": 0 if device == "cuda" else "cpu"},
     )
     model = PeftModel.from_pretrained(model, str(target.path))
@@ -304,7 +307,7 @@ def evaluate_model(label: str, model: Any, tokenizer: PreTrainedTokenizerBase, d
     """Loss and perplexity, and (for prompt -> answer data) generation scores of one model."""
     cfg = recipe.evaluation
     t0 = time.perf_counter()
-    with console.status(f"{label}: loss on {len(tokenized):,} rows"):
+    with console.status(f"{label}: loss on {len(tokenized):,} rows") if console.is_terminal else nullcontext():
         loss, tokens = mean_loss(model, tokenized, data.format, recipe.data.max_length, cfg.batch_size,
                                  tokenizer.pad_token_id)
     result = ModelResult(label, loss, math.exp(loss) if loss < 700 else float("inf"), tokens)
@@ -320,7 +323,8 @@ def generate_answers(label: str, model: Any, tokenizer: PreTrainedTokenizerBase,
                      cfg: EvaluationConfig, add_special_tokens: bool, console: Console) -> list[str]:
     answers: list[str] = []
     with Progress(TextColumn(f"[bold]{label}[/] generating"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
+                  TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
         task = progress.add_task("generate", total=len(prompts))
         for i in range(0, len(prompts), cfg.batch_size):
             answers.extend(generate(model, tokenizer, prompts[i:i + cfg.batch_size], cfg, add_special_tokens))
@@ -492,6 +496,9 @@ def generate_command(path: str | Path, prompts: list[str] | None = None, max_new
     """Answer `prompts` (or lines read interactively) with the model behind `path`; return (prompt, answer)."""
     console = console or Console()
     target = resolve_target(path, None, None, overrides) if not raw else _raw_target(path, overrides)
+    if no_adapter and target.kind != "adapter":
+        raise UserError(f"{target.path} is a merged model: there is no adapter to switch off", where="--no-adapter",
+                        fix="Give the run directory it was merged from")
     recipe = target.recipe
     fmt = "text" if raw else resolve_format(recipe)
     cfg = recipe.evaluation

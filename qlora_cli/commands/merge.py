@@ -114,6 +114,10 @@ def find_adapter(path: str | Path, overrides: list[str] | None = None) -> Adapte
 def base_model_config(source: AdapterSource, base: str | None) -> tuple[ModelConfig, str]:
     """(model section, where it came from): `--base`, else the run's recipe, else adapter_config.json."""
     if base:
+        local = base.startswith(("/", ".", "~")) or base.count("/") != 1 or Path(base).exists()
+        if local and not (Path(base).expanduser() / "config.json").is_file():
+            raise UserError(f"{base!r} is not a model directory (no config.json there)", where="--base",
+                            fix="Give a directory saved with save_pretrained, or a hub id such as Qwen/Qwen2.5-7B")
         model = dataclasses.replace(source.recipe.model, name_or_path=base, revision=None, tokenizer=None) \
             if source.recipe else ModelConfig(name_or_path=base)
         return model, "--base"
@@ -129,21 +133,21 @@ def parse_size(text: str) -> int:
     """`5GB` -> 5_000_000_000, `500MiB` -> 524_288_000 (the notation of save_pretrained's max_shard_size)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
     if not match:
-        raise UserError(f"--max-shard-size {text!r} is not a size", where="--max-shard-size",
+        raise UserError(f"{text!r} is not a size", where="--max-shard-size",
                         fix="Write a number with a unit, e.g. 5GB, 500MB or 2GiB")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
     size = int(number * scale)
     if size < 2**20:
-        raise UserError(f"--max-shard-size {text!r} is below 1 MiB", where="--max-shard-size",
+        raise UserError(f"{text!r} is below 1 MiB", where="--max-shard-size",
                         fix="Use a shard size of at least 1MiB; 5GB suits most serving stacks")
     return size
 
 
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not supported", where="--dtype",
+        raise UserError(f"dtype {dtype!r} is not supported", where="--dtype",
                         fix="Use bf16, fp16 or fp32; 4-bit or 8-bit merges would round the adapter away")
     return dtype
 
