@@ -59,20 +59,35 @@ def train(
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check everything without loading weights.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run from its latest checkpoint (weights, optimizer, scheduler, RNG, data).",
+    )] = False,
+    resume_from: Annotated[Path | None, typer.Option(
+        "--resume-from", help="Continue the run from this checkpoint directory (or checkpoint-N of the run).",
+    )] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Resume even though training fields of the recipe changed (they are listed).",
+    )] = False,
 ) -> None:
     """Train a LoRA adapter on a 4-bit base model as the recipe says.
 
     With --dry-run: print the resolved recipe, parameter counts, a data summary and the first formatted
     example (the part that carries loss highlighted), reading no weights.
+
+    Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the end of the current step, prints the command that
+    resumes the run, and exits with 130 or 143.
     """
+    import shlex
+
     from .commands import train as cmd
     from .recipe import load_recipe
 
     r = load_recipe(recipe, set_)
     if dry_run:
         cmd.dry_run(r, console)
-    else:
-        cmd.train(r, console, overwrite=overwrite)
+        return
+    again = " ".join(["qlora train", shlex.quote(str(recipe)), *(f"--set {shlex.quote(s)}" for s in set_ or [])])
+    cmd.train(r, console, overwrite=overwrite, resume=resume_from or resume, force=force, command=again)
 
 
 @app.command()
@@ -192,15 +207,18 @@ def footprint(
     cmd.footprint(r, console, gpus=gpu, vram=vram, max_batch=max_batch, as_json=json_, measure=measure)
 
 
-def run() -> None:
-    """Entry point: user errors become one message and exit code 2; --debug shows the traceback."""
+def run(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line and exit code 2 (130/143 when a signal stopped training, after
+    its checkpoint); --debug shows the traceback. Typer turns a KeyboardInterrupt elsewhere into exit code 130."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        app()
+        app(args=argv, prog_name="qlora")
     except UserError as e:
-        if _debug or "--debug" in sys.argv:
+        if _debug or "--debug" in argv:
             raise
-        err_console.print(f"[bold red]error:[/] {e.render()}", highlight=False)
-        sys.exit(UserError.exit_code)
+        label = "[bold red]error:[/]" if e.exit_code == UserError.exit_code else "[bold yellow]stopped:[/]"
+        err_console.print(f"{label} {e.render()}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

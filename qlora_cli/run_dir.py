@@ -109,6 +109,19 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_dir(tmp, final)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory `tmp` to `final`, replacing what is there in one step where the OS can.
+
+    On Linux an existing `final` is swapped with `tmp` by one renameat2(RENAME_EXCHANGE), so a kill at any moment
+    leaves `final` either old and complete or new and complete; elsewhere the old one is renamed aside first.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if final.exists() and _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous content
+        return
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -116,6 +129,22 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -131,8 +160,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def check_writable(path: Path) -> None:
     """Fail before any work when `path` (or the first existing parent) cannot be written."""
-    probe = path
-    while not probe.exists():
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"{probe} is not writable", fix="Choose an output directory you can write to")
+    if not probe.is_dir():
+        raise UserError(f"{probe} is a file, so {path} cannot be created", fix="Choose an output directory path")
+    try:  # a real file, not os.access: root passes os.access everywhere, read-only filesystems included
+        fd, name = tempfile.mkstemp(prefix=".qlora-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UserError(f"{probe} is not writable ({e.strerror})", where=str(path),
+                        fix="Choose an output directory you can write to") from None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -26,6 +28,23 @@ from ..model import (
     resolve_precision,
 )
 from ..recipe import Recipe
+from ..reliability import (
+    Interrupted,
+    StopOnNonFinite,
+    StopOnSignal,
+    atomic_checkpoint_trainer,
+    check_disk_space,
+    check_remote_code,
+    check_resume_recipe,
+    checkpoint_bytes,
+    checkpoint_global_step,
+    complete_checkpoints,
+    disk_errors,
+    find_checkpoint,
+    lora_parameter_count,
+    remove_partials,
+    truncate_metrics,
+)
 from ..run_dir import RunDir, append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, check_writable
 
 if TYPE_CHECKING:
@@ -253,56 +272,117 @@ def dry_run(recipe: Recipe, console: Console) -> None:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def prepare_run_dir(recipe: Recipe, overwrite: bool) -> RunDir:
+def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool = False) -> RunDir:
+    """Check that the run directory may be used (free, --overwrite, or --resume); writes nothing."""
     run = RunDir(recipe.output_dir)
     check_writable(run.path)
-    if run.path.exists() and any(run.path.iterdir()):
-        if not overwrite:
-            raise UserError(f"run directory {run.path} already exists", where="training.output_dir",
-                            fix="Pass --overwrite to replace it, or set another training.output_dir")
-        shutil.rmtree(run.path)
-    run.path.mkdir(parents=True, exist_ok=True)
+    if resume:
+        if overwrite:
+            raise UserError("--resume and --overwrite contradict each other", where="qlora train",
+                            fix="Pass --resume to continue the run, or --overwrite to start it again")
+        return run
+    if run.path.exists() and any(run.path.iterdir()) and not overwrite:
+        found = complete_checkpoints(run)
+        hint = (f"Pass --resume to continue it from {found[-1].name}, --overwrite to replace it"
+                if found and not run.is_complete() else "Pass --overwrite to replace it")
+        raise UserError(f"run directory {run.path} already exists", where="training.output_dir",
+                        fix=f"{hint}, or set another training.output_dir")
     return run
 
 
+def start_run_dir(run: RunDir, recipe: Recipe, overwrite: bool) -> None:
+    """Create the run directory (an old one, with --overwrite, is renamed away in one step, then deleted)."""
+    if overwrite and run.path.exists():
+        old = run.path.with_name(f".{run.path.name}.old-{os.getpid()}")
+        os.replace(run.path, old)
+        shutil.rmtree(old, ignore_errors=True)
+    run.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.recipe, recipe.to_yaml())
+
+
+def resume_run_dir(run: RunDir, recipe: Recipe, checkpoint: Path) -> None:
+    """Make the run directory match `checkpoint`: leftovers of killed saves and metrics of later steps go."""
+    remove_partials(run)
+    truncate_metrics(run, checkpoint_global_step(checkpoint))
+    if not run.recipe.is_file() or run.recipe.read_text(encoding="utf-8") != recipe.to_yaml():
+        atomic_write_text(run.recipe, recipe.to_yaml())
+
+
 def train(recipe: Recipe, console: Console, overwrite: bool = False,
-          callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Run the recipe; return the summary that is also written to the run directory."""
+          callbacks: list[TrainerCallback] | None = None, resume: bool | str | Path = False,
+          force: bool = False, command: str | None = None) -> dict[str, Any]:
+    """Run the recipe; return the summary that is also written to the run directory.
+
+    `resume`: True continues from the run's latest checkpoint, a path or `checkpoint-N` from that one; a recipe
+    whose training fields changed is refused unless `force`. Every check runs, and the model is loaded, before
+    anything is written. SIGINT/SIGTERM save a checkpoint at the next step and raise `Interrupted`; a NaN/inf
+    loss stops before its step is saved. `command` is how the user started the run (for the resume hint).
+    """
+    import warnings
+
     import torch
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
+    command = command or f"qlora train {recipe.path or 'RECIPE'}"
     device = detect_device(recipe.training)
-    precision = resolve_precision(recipe.training, device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        precision = resolve_precision(recipe.training, device)
+    for w in caught:
+        console.print(f"[yellow]note:[/] {w.message}", highlight=False)
+    check_remote_code(recipe.model.name_or_path, recipe.model.tokenizer, recipe.model.trust_remote_code)
+    run = prepare_run_dir(recipe, overwrite, resume=bool(resume))
+    checkpoint = None
+    if resume:
+        checkpoint = find_checkpoint(run, None if resume is True else resume)
+        for diff in check_resume_recipe(run, recipe, force):
+            console.print(f"[yellow]warning:[/] resuming with a changed recipe (--force): {diff}", highlight=False)
     tokenizer = load_tokenizer(recipe.model)
     prepared = datamod.prepare(recipe.data, tokenizer, recipe.training.seed)
     print_data_summary(prepared, console)
 
-    run = prepare_run_dir(recipe, overwrite)
-    atomic_write_text(run.recipe, recipe.to_yaml())
     q = recipe.quantization
     weights = f"4-bit {q.bnb_4bit_quant_type}" if q.load_in_4bit else "16-bit"
     from ..footprint import warn_if_too_big  # the memory estimate, before any weight is read
     warn_if_too_big(recipe, device, console, prepared)
     console.print(f"Loading {recipe.model.name_or_path} ({weights}, {precision}) on {device.name}")
     t0 = time.perf_counter()
-    model = load_model(recipe, device, precision)
+    try:
+        model = load_model(recipe, device, precision)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise UserError(f"model {recipe.model.name_or_path!r} needs its own Python code to load",
+                        where="model.trust_remote_code",
+                        fix="Set model.trust_remote_code: true if you trust that repository") from None
     check_target_modules(model, recipe.lora)
     load_s = time.perf_counter() - t0
+    need = checkpoint_bytes(lora_parameter_count(model, recipe.lora), recipe.lora.adapter_dtype,
+                            recipe.training.optim)
+    check_disk_space(run.path, 2 * need, "a checkpoint and the adapter")
     if device.is_cuda:
         torch.cuda.reset_peak_memory_stats()
 
+    if checkpoint is not None:
+        resume_run_dir(run, recipe, checkpoint)
+        console.print(f"Resuming from {checkpoint} (step {checkpoint_global_step(checkpoint)})")
+    else:
+        start_run_dir(run, recipe, overwrite)
     args = build_sft_config(recipe, run, device, precision, prepared.eval is not None)
+    if checkpoint is not None:
+        args.eval_on_start = False  # evaluated when the run started
     progress = make_progress_callback(run, device, console)
-    trainer = SFTTrainer(
+    stop_signal, stop_nan = StopOnSignal(), StopOnNonFinite()
+    trainer = atomic_checkpoint_trainer()(
         model=model,
         args=args,
         train_dataset=trainer_columns(prepared.train, prepared.format),
         eval_dataset=trainer_columns(prepared.eval, prepared.format) if prepared.eval is not None else None,
         processing_class=tokenizer,
         peft_config=lora_config(recipe.lora),
-        callbacks=[progress, *(callbacks or [])],
+        callbacks=[progress, stop_nan.callback, stop_signal.callback, *(callbacks or [])],
     )
+    trainer.checkpoint_estimate, trainer.adapter_dtype = need, recipe.lora.adapter_dtype
     trainer.remove_callback(PrinterCallback)  # our progress callback reports the logs
     set_adapter_dtype(trainer.model, recipe.lora.adapter_dtype)
     total, trainable = count_parameters(trainer.model)
@@ -310,13 +390,27 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
                   f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
                   f" x {args.world_size} sequences of up to {recipe.data.max_length} tokens")
     t1 = time.perf_counter()
-    result = trainer.train()
+    with stop_signal:
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        finally:
+            if progress.progress is not None:  # an error skipped on_train_end: stop the live display
+                progress.progress.stop()
     train_s = time.perf_counter() - t1
+    if stop_nan.step is not None:
+        raise non_finite_error(stop_nan, run, recipe, command)
+    if stop_signal.signum is not None:
+        step = trainer.state.global_step
+        raise Interrupted(stop_signal.signum,
+                          f"training stopped by {stop_signal.name} at step {step} of {trainer.state.max_steps}; "
+                          f"checkpoint saved in {run.checkpoints / f'checkpoint-{step}'}",
+                          where=str(run.path), fix=f"Resume with: {command} --resume")
     final_eval = trainer.evaluate() if prepared.eval is not None else {}
     if final_eval:
         console.print(f"final eval_loss {final_eval['eval_loss']:.4f}")
 
-    with atomic_dir(run.adapter, overwrite=True) as tmp:
+    check_disk_space(run.path, need, "the adapter")
+    with disk_errors("the adapter", run.adapter), atomic_dir(run.adapter, overwrite=True) as tmp:
         trainer.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
@@ -340,15 +434,34 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         "first_eval_loss": progress.eval_logs[0]["eval_loss"] if progress.eval_logs else None,
         "final_eval_loss": final_eval.get("eval_loss"),
     }
+    if checkpoint is not None:
+        summary["resumed_from"] = str(checkpoint)
     if device.is_cuda:
         summary["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
     if recipe.evaluation.compare_after_training and prepared.eval is not None and prepared.format != "text":
         summary["comparison"] = compare_base_and_adapter(recipe, prepared, trainer.model, tokenizer, console)
-    atomic_write_json(run.summary, summary)
+    with disk_errors("the run summary", run.summary):
+        atomic_write_json(run.summary, summary)
     from ..plot import save_loss_plot  # loss.png in the run directory: train and eval loss by step
     save_loss_plot(run)
     print_summary(summary, run, console)
     return summary
+
+
+def non_finite_error(stop: StopOnNonFinite, run: RunDir, recipe: Recipe, command: str) -> UserError:
+    """The step where training went NaN/inf, the last good checkpoint, and what to change."""
+    good = [p for p in complete_checkpoints(run) if checkpoint_global_step(p) < (stop.step or 0)]
+    if good:
+        keep = (f"The last good checkpoint, {good[-1]}, is kept: resume from it with {command} --resume --force "
+                "after changing the recipe")
+    else:
+        keep = f"No checkpoint was saved before it: start again with {command} --overwrite after changing the recipe"
+    return UserError(
+        f"{stop.what} became NaN or infinite at step {stop.step}: training stopped, and that step was not saved",
+        where=f"{run.path} step {stop.step}",
+        fix=f"Lower training.learning_rate (now {recipe.training.learning_rate:g}) or training.max_grad_norm, "
+        f"or use training.precision: fp32. {keep}",
+    )
 
 
 def compare_base_and_adapter(recipe: Recipe, prepared: datamod.PreparedData, model: Any, tokenizer: Any,

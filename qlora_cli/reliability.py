@@ -1,0 +1,522 @@
+"""What keeps a long run safe on a machine that may go away: resume, interruption, NaN stop, atomic checkpoints.
+
+- **resume**: :func:`find_checkpoint` picks the run's latest complete checkpoint (or a given one) and
+  :func:`recipe_differences` lists the training-relevant keys that changed since the run started; transformers'
+  ``Trainer.train(resume_from_checkpoint=...)`` restores adapter weights, optimizer (8-bit paged included),
+  scheduler, RNG states and the data position.
+- **interruption**: :class:`StopOnSignal` turns SIGINT/SIGTERM into "save a checkpoint at the end of this step and
+  stop"; ``qlora train`` then prints the resume command and exits 130 (SIGINT) or 143 (SIGTERM).
+- **NaN/inf**: :class:`StopOnNonFinite` stops at the first step whose loss, gradient norm or adapter weights are
+  not finite, before that step is saved, so the checkpoints on disk are all from good steps.
+- **atomic checkpoints**: :func:`atomic_checkpoint_trainer` is SFTTrainer with checkpoints written to a hidden
+  directory and renamed into place; a kill at any moment leaves only complete ``checkpoint-N`` directories.
+- **disk**: :func:`check_disk_space` before large writes, :func:`disk_errors` turns "disk full" into one UserError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .errors import UserError
+from .run_dir import RunDir, publish_dir
+
+if TYPE_CHECKING:
+    import torch
+
+    from .recipe import LoraSection, Recipe
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# What transformers needs to resume exactly (rng_state.pth is optional for it, but not for equal losses).
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+                    "rng_state.pth")
+STAGING_PREFIX = ".partial-"
+
+# Recipe keys that do not change what is trained: a resumed run may change them freely.
+RESUME_FREE_KEYS = {
+    "training.output_dir", "training.logging_steps", "training.save_steps", "training.save_total_limit",
+    "training.eval_steps", "training.per_device_eval_batch_size", "training.allow_cpu",
+    "training.use_liger_kernel", "data.eval_source", "data.eval_split",
+}
+RESUME_FREE_SECTIONS = {"evaluation"}
+# Keys that shape the checkpoint's tensors: a resumed run cannot change them, not even with --force.
+RESUME_FIXED_KEYS = {
+    "model.name_or_path", "model.revision", "lora.r", "lora.target_modules", "lora.use_dora", "lora.bias",
+    "lora.modules_to_save", "lora.adapter_dtype", "training.optim",
+}
+# Keys that --force may change but that the restored optimizer state overrides (the learning rate is applied).
+RESUME_KEPT_KEYS = {"training.weight_decay", "training.sft_args.adam_beta1", "training.sft_args.adam_beta2",
+                    "training.sft_args.adam_epsilon", "training.sft_args.optim_args"}
+RESUME_FREE_SFT_ARGS = re.compile(
+    r"^(logging_.*|save_.*|eval_.*|report_to|run_name|push_to_hub|hub_.*|disable_tqdm|log_.*|include_.*"
+    r"|dataloader_num_workers|dataloader_pin_memory|dataloader_prefetch_factor|dataloader_persistent_workers)$"
+)
+
+
+class Interrupted(UserError):
+    """Training stopped on a signal after saving a checkpoint; exit code 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str, *, where: str | None = None, fix: str | None = None) -> None:
+        super().__init__(message, where=where, fix=fix)
+        self.exit_code = 128 + signum
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_global_step(path: Path) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json, else its name)."""
+    import json
+
+    try:
+        return int(json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return checkpoint_step(Path(path)) or 0
+
+
+def missing_checkpoint_files(path: Path) -> list[str]:
+    return [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+
+
+def complete_checkpoints(run: RunDir) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    if not run.checkpoints.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in run.checkpoints.iterdir() if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None) if not missing_checkpoint_files(p)]
+
+
+def find_checkpoint(run: RunDir, given: str | Path | None = None) -> Path:
+    """The checkpoint to resume from: `given` (a path, or a checkpoint name in the run), else the latest one."""
+    available = complete_checkpoints(run)
+    names = ", ".join(p.name for p in available) or "none"
+    if given is not None:
+        path = Path(given)
+        if not path.exists() and (run.checkpoints / str(given)).exists():
+            path = run.checkpoints / str(given)
+        if not path.is_dir():
+            raise UserError(f"checkpoint {str(given)!r} does not exist", where="--resume-from",
+                            fix=f"Give a checkpoint directory; complete checkpoints in {run.checkpoints}: {names}")
+        missing = missing_checkpoint_files(path)
+        if missing:
+            raise UserError(f"{path} is not a complete checkpoint (no {', '.join(missing)})", where="--resume-from",
+                            fix=f"Give a checkpoint-N directory written by qlora train; complete ones: {names}")
+        return path
+    if not run.path.is_dir():
+        raise UserError(f"there is no run to resume in {run.path}", where="training.output_dir",
+                        fix="Start it without --resume, or set training.output_dir to the run's directory")
+    if not available:
+        raise UserError(f"{run.path} has no complete checkpoint to resume from", where="training.output_dir",
+                        fix="Checkpoints are written every training.save_steps steps and on Ctrl-C; "
+                        "start the run again with --overwrite")
+    return available[-1]
+
+
+def _flatten(recipe: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for section, values in recipe.items():
+        if not isinstance(values, dict):
+            flat[section] = values
+            continue
+        for key, value in values.items():
+            if key == "sft_args" and isinstance(value, dict):
+                for arg, v in value.items():
+                    flat[f"{section}.sft_args.{arg}"] = v
+            else:
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+def _training_relevant(key: str) -> bool:
+    if key in RESUME_FREE_KEYS or key.split(".", 1)[0] in RESUME_FREE_SECTIONS:
+        return False
+    if key.startswith("training.sft_args."):
+        return not RESUME_FREE_SFT_ARGS.match(key.rsplit(".", 1)[1])
+    return True
+
+
+def saved_recipe(run: RunDir) -> dict[str, Any]:
+    """The resolved recipe a run started with, defaults filled in as this version defines them."""
+    from .recipe import recipe_from_dict
+
+    try:
+        raw = yaml.safe_load(run.recipe.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read the run's recipe ({e})", where=str(run.recipe),
+                        fix="Restore recipe.yaml in the run directory, or start again with --overwrite") from None
+    try:
+        return recipe_from_dict(raw).to_dict()
+    except UserError:  # written by another version of qlora: compare what is there
+        return raw
+
+
+def recipe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every training-relevant key whose value changed."""
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for key in [*a, *(k for k in b if k not in a)]:
+        if not _training_relevant(key):
+            continue
+        before, after = a.get(key, "(unset)"), b.get(key, "(unset)")
+        if before != after:
+            diffs.append(f"{key}: {before!r} -> {after!r}")
+    return diffs
+
+
+def check_resume_recipe(run: RunDir, recipe: Recipe, force: bool) -> list[str]:
+    """The differences between the run's recipe and `recipe`; refused unless `force` (some even then)."""
+    diffs = recipe_differences(saved_recipe(run), recipe.to_dict())
+    fixed = [d for d in diffs if d.split(":", 1)[0] in RESUME_FIXED_KEYS]
+    if fixed:
+        raise UserError(
+            f"{'; '.join(fixed)}: cannot change when resuming {run.path}, because the checkpoint's adapter and "
+            "optimizer state have the old shapes",
+            where=str(recipe.path or "recipe"),
+            fix=f"Resume with the run's own values ({run.recipe}), or start a new run (another "
+            "training.output_dir, or --overwrite)",
+        )
+    diffs = [f"{d} (not applied: the optimizer state keeps the checkpoint's value)"
+             if d.split(":", 1)[0] in RESUME_KEPT_KEYS else d for d in diffs]
+    if diffs and not force:
+        raise UserError(
+            f"the recipe differs from the one {run.path} was trained with in {len(diffs)} training "
+            f"field(s): {'; '.join(diffs)}",
+            where=str(recipe.path or "recipe"),
+            fix=f"Resume with the run's own settings ({run.recipe}), or pass --force to continue with the new values",
+        )
+    return diffs
+
+
+def truncate_metrics(run: RunDir, step: int) -> None:
+    """Drop metrics logged after `step` (a run killed between checkpoints logged steps that will be redone)."""
+    import json
+
+    from .run_dir import atomic_write_text
+
+    if not run.metrics.is_file():
+        return
+    kept = []
+    for line in run.metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(run.metrics, "".join(f"{line}\n" for line in kept))
+
+
+def remove_partials(run: RunDir) -> None:
+    """Hidden temporary directories that a killed save left behind."""
+    for parent in (run.path, run.checkpoints):
+        if parent.is_dir():
+            for p in parent.iterdir():
+                if p.name.startswith(".") and (".partial-" in p.name or ".old-" in p.name) and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------- disk space
+
+
+def _fmt(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def check_disk_space(path: Path, need: int, what: str, where: str = "training.output_dir") -> None:
+    """Fail before writing when the filesystem of `path` has less than `need` bytes free."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UserError(f"{what} needs about {_fmt(need)} of disk, but {probe} has {_fmt(free)} free",
+                        where=where, fix="Free some space, or set training.output_dir on a larger disk")
+
+
+def lora_parameter_count(model: torch.nn.Module, lora: LoraSection) -> int:
+    """Trainable parameters LoRA will add to `model` (r x (in + out) per adapted linear layer), for disk estimates."""
+    import torch
+
+    targets = None if lora.target_modules == "all-linear" else (
+        {lora.target_modules} if isinstance(lora.target_modules, str) else set(lora.target_modules))
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        if targets is None or name.rsplit(".", 1)[-1] in targets:
+            total += lora.r * (module.in_features + module.out_features) + (module.out_features if lora.use_dora else 0)
+    for name in lora.modules_to_save or []:
+        for mod_name, module in model.named_modules():
+            if mod_name.rsplit(".", 1)[-1] == name:
+                total += sum(p.numel() for p in module.parameters())
+    return total
+
+
+def checkpoint_bytes(trainable: int, adapter_dtype: str, optim: str) -> int:
+    """Disk for one checkpoint: adapter weights, optimizer state (2 bytes/param in 8 bits, else 8), small files."""
+    weight = 2 if adapter_dtype == "bfloat16" else 4
+    state = 2 if "8bit" in optim else 8
+    return int(trainable * (weight + state) * 1.1) + 64 * 2**20
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, path: Path | str) -> Iterator[None]:
+    """Turn "no space left" (and quota, read-only) errors while writing `what` into one UserError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "the filesystem is read-only"}[e.errno]
+        raise UserError(f"{reason}: writing {what} failed, and nothing of it was kept", where=str(path),
+                        fix="Free some space (earlier checkpoints and outputs are intact), then resume with "
+                        "--resume") from None
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under `path` to disk, so that a rename after it never publishes unwritten data."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+
+
+@functools.cache
+def atomic_checkpoint_trainer() -> type:
+    """trl.SFTTrainer whose checkpoints appear in one rename, checked for disk space first."""
+    from transformers.trainer_utils import rotate_checkpoints
+    from trl import SFTTrainer
+
+    class AtomicCheckpointTrainer(SFTTrainer):
+        """Checkpoints are written into a hidden directory beside the others, flushed, and renamed into place."""
+
+        checkpoint_estimate: int = 0  # bytes one checkpoint needs; set by `qlora train`
+        adapter_dtype: str | None = None  # the recipe's lora.adapter_dtype; set by `qlora train`
+        _staging: Path | None = None
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            """Load the adapter weights, then give them back the recipe's dtype: PEFT's load_adapter upcasts
+            bf16 adapters to fp32, and a resumed run would then no longer compute what the first one did."""
+            import torch
+
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if self.adapter_dtype:
+                dtype = getattr(torch, self.adapter_dtype)
+                for p in (model or self.model).parameters():
+                    if p.requires_grad and p.dtype != dtype:
+                        p.data = p.data.to(dtype)
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            """Resume the optimizer and schedule, but at the recipe's peak learning rate (it may change with --force).
+
+            The checkpoint's scheduler state holds the old peak rate (`base_lrs`) and its optimizer state the
+            old current rate, so without this a changed `training.learning_rate` would silently not apply.
+            """
+            super()._load_optimizer_and_scheduler(checkpoint)
+            scheduler, lr = self.lr_scheduler, self.args.learning_rate
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if checkpoint is None or not lambdas or all(b == lr for b in scheduler.base_lrs):
+                return
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            current = [lr * f(scheduler.last_epoch) for f in lambdas]
+            for group, value in zip(self.optimizer.param_groups, current):
+                group["initial_lr"], group["lr"] = lr, value
+            scheduler._last_lr = current
+
+        def _get_output_dir(self, trial: Any) -> str:
+            return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            root = Path(super()._get_output_dir(trial))
+            name = f"checkpoint-{self.state.global_step}"
+            final = root / name
+            latest = max((p for p in root.glob("checkpoint-*") if p.is_dir()), key=os.path.getmtime, default=None)
+            need = max(self.checkpoint_estimate, _tree_size(latest) if latest else 0)
+            check_disk_space(root, need, f"checkpoint {name}")
+            self._staging = root / f"{STAGING_PREFIX}{name}-{os.getpid()}"
+            try:
+                with disk_errors(f"checkpoint {name}", final):
+                    super()._save_checkpoint(model, trial)
+                    staged = self._staging / name
+                    best = self.state.best_global_step
+                    if best and (root / f"checkpoint-{best}").is_dir():  # best checkpoints live in `root`
+                        self.state.best_model_checkpoint = str(root / f"checkpoint-{best}")
+                    elif best == self.state.global_step:
+                        self.state.best_model_checkpoint = str(final)
+                    if self.args.should_save and (staged / "trainer_state.json").is_file():
+                        self.state.save_to_json(str(staged / "trainer_state.json"))
+                    fsync_tree(staged)
+            except BaseException:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                raise
+            finally:
+                staging, self._staging = self._staging, None
+            publish_dir(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.args.should_save:
+                rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    return AtomicCheckpointTrainer
+
+
+def _tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# -------------------------------------------------------------------------------------------- callbacks
+
+
+def _callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM -> save a checkpoint at the end of the current step and stop; a second signal stops at once.
+
+    Use as a context manager around ``trainer.train()``; ``callback`` goes into the trainer's callbacks.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.step: int | None = None
+        self._previous: dict[int, Any] = {}
+        outer = self
+
+        class _Callback(_callback_base()):
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.signum is not None:
+                    outer.step = state.global_step
+                    control.should_save = True
+                    control.should_training_stop = True
+                    control.should_evaluate = False
+                return control
+
+        self.callback = _Callback()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # asked twice: stop now, without a checkpoint of this step
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping "
+                    "(send it again to stop at once)\n".encode())
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+class StopOnNonFinite:
+    """Stop at the first step whose loss, gradient norm or trainable weights are NaN or infinite, unsaved."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.found: list[str] = []
+        outer = self
+
+        class _Callback(_callback_base()):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if outer.step is None and model is not None and not _weights_finite(model):
+                    outer._stop(state.global_step, "the adapter weights", control)
+                return control
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                for key, name in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+                    value = (logs or {}).get(key)  # logged right after on_step_end of the same step
+                    bad = isinstance(value, float) and not math.isfinite(value)
+                    if bad and outer.step in (None, state.global_step):
+                        outer._stop(state.global_step, f"the {name} ({value})", control)
+                return control
+
+        self.callback = _Callback()
+
+    @property
+    def what(self) -> str:
+        """What went non-finite, the cause (loss, gradient norm) first."""
+        return " and ".join(sorted(self.found, key=lambda w: w.startswith("the adapter")))
+
+    def _stop(self, step: int, what: str, control: Any) -> None:
+        self.step = step
+        self.found.append(what)
+        control.should_save = False
+        control.should_evaluate = False
+        control.should_training_stop = True
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    import torch
+
+    flags = [torch.isfinite(p.detach()).all() for p in model.parameters() if p.requires_grad]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+# ---------------------------------------------------------------------------------------------- remote code
+
+
+def check_remote_code(model_dir: str, tokenizer_dir: str | None, trust: bool) -> None:
+    """A local model or tokenizer directory that ships Python code needs model.trust_remote_code: true."""
+    if trust:
+        return
+    import json
+
+    for directory in filter(None, (model_dir, tokenizer_dir)):
+        for name in ("config.json", "tokenizer_config.json"):
+            path = Path(directory) / name
+            if not path.is_file():
+                continue
+            try:
+                auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map")
+            except (ValueError, OSError, AttributeError):
+                continue
+            if auto_map:
+                code = sorted({str(v if isinstance(v, str) else next(iter(v), "")).split(".")[0]
+                               for v in auto_map.values()} - {""})
+                raise UserError(
+                    f"{path} asks to run Python code shipped with the model ({', '.join(c + '.py' for c in code)})",
+                    where="model.trust_remote_code",
+                    fix="Read that code, then set model.trust_remote_code: true if you trust it",
+                )
