@@ -69,11 +69,13 @@ PAGED_MIN_SIZE = 100_000
 HEAD_TILE_TOKENS = 4096
 HEAD_TILE_VOCAB = 32768
 
-# Calibrated on an H100 (docs/footprint.md): what the CUDA context and kernel images take outside PyTorch's
-# allocator, and how much more the caching allocator reserves than it hands out at the peak (blocks rounded up
-# and freed blocks that a later request of another size cannot reuse).
-CUDA_CONTEXT_BYTES = int(0.5 * GIB)
-ALLOCATOR_OVERHEAD = 0.08
+# Measured on an H100 (docs/footprint.md): what the CUDA context and the kernels of cuBLAS, bitsandbytes and
+# Triton take outside PyTorch's allocator, and how much more the caching allocator reserves than it hands out at
+# the peak. With checkpointing every layer's recompute allocates and frees tensors of many sizes on top of the
+# checkpoints, and freed blocks that the next request cannot reuse stay reserved (4-10 % measured); without it,
+# memory grows in forward and shrinks in backward with little waste (under 1 % measured).
+CUDA_CONTEXT_BYTES = int(0.85 * GIB)
+ALLOCATOR_OVERHEAD = {"checkpointing": 0.08, "no checkpointing": 0.02}
 
 # nvidia-smi's total memory of common GPUs, in MiB. Aliases map other spellings to these names.
 GPUS: dict[str, int] = {
@@ -544,13 +546,16 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
                           "(per layer and token, below)" + (f" + mask {mask_elems:,} B" if mask_elems else ""),
                           rough=not arch.exact_layout))
 
-    # Backward through a decoder layer: the gradient flowing in and out, gradients of the MLP's tensors, and the
-    # frozen weight that bitsandbytes dequantizes to bf16 for the gradient of the input.
+    # Backward through a decoder layer: the gradient flowing in and the one going out (2 hidden), the gradients
+    # of the MLP's tensors (2 intermediate: the product's, then SiLU's and up's; Liger's SwiGLU writes those in
+    # place of its saved inputs, so 1), and the frozen weight that bitsandbytes dequantizes to bf16 for the
+    # gradient of the input.
     biggest = max(fi * fo for fi, fo in arch.linears.values())
     dequant = (2 * biggest + 4 * math.ceil(biggest / QUANT_BLOCK)) if s.load_in_4bit else 0
-    working = n * b * (2 * h + 3 * arch.intermediate)
+    mlp_grads = 1 if s.liger else 2
+    working = n * b * (2 * h + mlp_grads * arch.intermediate)
     terms.append(Term("backward", "backward buffers (gradients in flight, dequantized weight)", working + dequant,
-                      f"{n:,} tokens × {b} B × (2 × {h:,} + 3 × {arch.intermediate:,})"
+                      f"{n:,} tokens × {b} B × (2 × {h:,} + {mlp_grads} × {arch.intermediate:,})"
                       + (f" + {_count(biggest)} weights × 2 B" if dequant else ""), rough=True))
 
     # The loss head: final norm, logits (or TRL's tiles), cross-entropy and its gradient.
@@ -583,11 +588,13 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
             t.at_peak = False
 
     allocated = sum(t.bytes for t in terms if t.at_peak and t.in_torch)
-    terms.append(Term("allocator", "allocator overhead (caching, fragmentation)", int(ALLOCATOR_OVERHEAD * allocated),
-                      f"{ALLOCATOR_OVERHEAD:.0%} of the {gib(allocated)} GiB allocated at the peak (measured)",
+    mode = "checkpointing" if s.gradient_checkpointing else "no checkpointing"
+    overhead = ALLOCATOR_OVERHEAD[mode]
+    terms.append(Term("allocator", "allocator overhead (caching, fragmentation)", int(overhead * allocated),
+                      f"{overhead:.0%} of the {gib(allocated)} GiB allocated at the peak ({mode}; measured)",
                       rough=True))
     terms.append(Term("context", "CUDA context and kernels", CUDA_CONTEXT_BYTES,
-                      "fixed, measured on an H100; outside PyTorch's allocator", in_torch=False, rough=True))
+                      "fixed, measured on an H100 with CUDA 13", in_torch=False, rough=True))
 
     if not arch.exact_layout:
         notes.append(f"{arch.model_type}: layout assumed Llama-like (q/k/v/o + gated MLP); activations are rough")

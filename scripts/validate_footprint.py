@@ -33,7 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MODELS = {"mistral-7b": "mistralai/Mistral-7B-v0.1", "llama-3-8b": "meta-llama/Meta-Llama-3-8B"}
+MODELS = {"mistral-7b": "mistralai/Mistral-7B-v0.1", "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+          "qwen2.5-7b": "Qwen/Qwen2.5-7B"}
 
 
 @dataclass
@@ -46,6 +47,8 @@ class Config:
     r: int = 16
     dropout: float = 0.05
     liger: bool = False
+    padded: bool = False  # rows of different lengths: batches are padded and need an attention mask
+    group: str = "a"  # a: the first GPU run, which the model's measured terms were fitted to; b: the second
 
 
 CONFIGS = [  # Mistral without Liger's kernels, Llama-3 with them (the recipe default when liger-kernel is installed)
@@ -58,6 +61,15 @@ CONFIGS = [  # Mistral without Liger's kernels, Llama-3 with them (the recipe de
     Config("llama3-1024x4-nockpt-liger", "llama-3-8b", 1024, 4, False, liger=True),
     Config("llama3-1024x4-nockpt", "llama-3-8b", 1024, 4, False),
     Config("llama3-2048x1-nockpt-r64-liger", "llama-3-8b", 2048, 1, False, r=64, liger=True),
+    # Group b: new shapes, a new model (Qwen2.5: vocabulary 152k, q/k/v biases, 4 KV heads) and padded batches.
+    Config("qwen2.5-2048x4-ckpt-liger", "qwen2.5-7b", 2048, 4, True, liger=True, group="b"),
+    Config("qwen2.5-1024x2-nockpt", "qwen2.5-7b", 1024, 2, False, group="b"),
+    Config("qwen2.5-4096x1-ckpt-r64", "qwen2.5-7b", 4096, 1, True, r=64, group="b"),
+    Config("qwen2.5-1024x4-ckpt-padded", "qwen2.5-7b", 1024, 4, True, padded=True, group="b"),
+    Config("mistral-3072x2-ckpt-padded", "mistral-7b", 3072, 2, True, padded=True, group="b"),
+    Config("mistral-512x8-nockpt-padded", "mistral-7b", 512, 8, False, padded=True, group="b"),
+    Config("mistral-4096x1-nockpt", "mistral-7b", 4096, 1, False, group="b"),  # sliding-window mask, every layer
+    Config("mistral-2048x2-nockpt-liger", "mistral-7b", 2048, 2, False, liger=True, group="b"),
 ]
 STEPS, ACCUMULATION = 2, 2
 
@@ -83,6 +95,8 @@ def make_checkpoint(model_key: str, out: Path, tiny: bool) -> Path:
         return path
     config = load_config(ModelConfig(name_or_path=MODELS[model_key]))
     if tiny:
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:2]
         config.update({"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 4,
                        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024})
         if getattr(config, "sliding_window", None):
@@ -111,8 +125,11 @@ def write_inputs(cfg: Config, ckpt: Path, work: Path, tiny: bool) -> Path:
     rows = cfg.batch * ACCUMULATION * STEPS
     data = work / f"{cfg.name}.jsonl"
     with open(data, "w", encoding="utf-8") as f:
-        for _ in range(rows):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(int(cfg.seq_len * 1.1) + 8))}) + "\n")
+        for row in range(rows):
+            n = int(cfg.seq_len * 1.1) + 8  # more words than tokens fit: truncated to exactly seq_len tokens
+            if cfg.padded and row % 2:
+                n = rng.randint(cfg.seq_len // 4, cfg.seq_len // 2)
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))}) + "\n")
     training = {
         "per_device_train_batch_size": cfg.batch, "gradient_accumulation_steps": ACCUMULATION,
         "gradient_checkpointing": cfg.checkpointing, "max_steps": STEPS, "allow_cpu": tiny,
@@ -320,6 +337,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/qlora-validate"))
     parser.add_argument("--tiny", action="store_true", help="2-layer models on the CPU: checks the script only")
     parser.add_argument("--only", default="", help="comma-separated configuration names")
+    parser.add_argument("--group", default="all", choices=["a", "b", "all"], help="configurations of one GPU run")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--time-limit", type=float, default=400, help="start no configuration after this many s")
     parser.add_argument("--run-one", type=Path, help=argparse.SUPPRESS)
@@ -342,7 +360,8 @@ def main() -> None:
     deadline = time.time() + args.time_limit
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    configs = [c for c in CONFIGS if not args.only or c.name in args.only.split(",")]
+    configs = [c for c in CONFIGS if (not args.only or c.name in args.only.split(","))
+               and args.group in ("all", c.group)]
     probe = None
     if not args.tiny:
         probe_path = args.work / "probe.json"
