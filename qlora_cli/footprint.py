@@ -378,6 +378,11 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def size(n: float) -> str:
+    """GiB from 1 GiB up, MiB below: small terms stay readable."""
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 def _count(n: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
@@ -509,7 +514,7 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
     # Adapters, their gradients and the optimizer state.
     sizes = adapter_tensors(arch, s)
     trainable = sum(sizes)
-    adapted = f"r={s.lora_r}, {len(s.target_modules)} layers × {layers} blocks"
+    adapted = f"r={s.lora_r} on {len(s.target_modules)} linear layers × {layers} decoder layers"
     dtype = "fp32" if s.adapter_bytes == 4 else "bf16"
     terms.append(Term("lora", "LoRA parameters", s.adapter_bytes * trainable,
                       f"{_count(trainable)} params ({adapted}) × {s.adapter_bytes} B ({dtype})"))
@@ -776,6 +781,7 @@ VERDICTS = {
 
 
 def estimate_table(est: Estimate) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     s = est.settings
@@ -783,7 +789,7 @@ def estimate_table(est: Estimate) -> Any:
              f"{s.seq_len} tokens ({s.seq_len_source}), checkpointing {'on' if s.gradient_checkpointing else 'off'}")
     table = Table(title=title, title_justify="left")
     table.add_column("component")
-    table.add_column("GiB", justify="right")
+    table.add_column("size", justify="right")
     table.add_column("formula")
     table.add_column("note")
     for t in est.terms:
@@ -797,12 +803,12 @@ def estimate_table(est: Estimate) -> Any:
         if t.rough:
             note.append("rough")
         style = "dim" if not t.at_peak else None
-        table.add_row(t.name, gib(t.bytes), t.formula, ", ".join(note), style=style)
+        table.add_row(t.name, size(t.bytes), escape(t.formula), ", ".join(note), style=style)
     table.add_section()
-    table.add_row("PyTorch allocated at the peak", gib(est.allocated), f"peak: {est.peak_moment}", "",
+    table.add_row("PyTorch allocated at the peak", size(est.allocated), f"peak: {est.peak_moment}", "",
                   style="bold")
-    table.add_row("PyTorch reserved", gib(est.reserved), "torch.cuda.max_memory_reserved()", "", style="bold")
-    table.add_row("total on the GPU", gib(est.total), "reserved + CUDA context + paged optimizer state", "",
+    table.add_row("PyTorch reserved", size(est.reserved), "torch.cuda.max_memory_reserved()", "", style="bold")
+    table.add_row("total on the GPU", size(est.total), "reserved + CUDA context + paged optimizer state", "",
                   style="bold")
     return table
 
@@ -828,7 +834,8 @@ def verdict_table(est: Estimate, gpus: list[Gpu], max_batch: bool = False) -> An
 def print_estimate(est: Estimate, console: Console, gpus: list[Gpu] | None = None) -> None:
     """The component table, totals and verdicts (for `qlora footprint` and `qlora train --dry-run`)."""
     console.print(estimate_table(est))
-    console.print(f"One layer's activations per token (bytes): {'; '.join(est.layer_parts)}", style="dim")
+    console.print(f"One layer's activations per token (bytes): {'; '.join(est.layer_parts)}", style="dim",
+                  highlight=False)
     for note in est.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(verdict_table(est, gpus or [find_gpu(g) for g in COMMON_GPUS]))
@@ -848,5 +855,8 @@ def warn_if_too_big(recipe: Recipe, device: Device, console: Console, prepared: 
                   f"{gib(device.total_memory)} GiB of {device.name}; training will probably run out of memory.")
     fixes = [x for x in suggestions(est.arch, est.settings, device.total_memory) if x.fits]
     if fixes:
-        console.print(f"  e.g. {fixes[0].change}: {' '.join('--set ' + o for o in fixes[0].overrides)} "
-                      f"({gib(fixes[0].total)} GiB). Details: qlora footprint {recipe.path or 'RECIPE'}")
+        from rich.markup import escape
+
+        fix = escape(f"{fixes[0].change}: {' '.join('--set ' + o for o in fixes[0].overrides)}")
+        console.print(f"  e.g. {fix} ({gib(fixes[0].total)} GiB). Details: qlora footprint {recipe.path or 'RECIPE'}",
+                      highlight=False)

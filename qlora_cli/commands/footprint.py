@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import UserError
@@ -86,10 +87,10 @@ def print_suggestions(fixes: list[Any], target: Gpu, console: Console) -> None:
     table.add_column("total GiB", justify="right")
     table.add_column("fits")
     table.add_column("costs")
-    table.add_column("recipe overrides")
+    table.add_column("recipe overrides", overflow="fold")
     for i, fix in enumerate(fixes, 1):
-        table.add_row(str(i), fix.change, gib(fix.total), "[green]yes[/]" if fix.fits else "[red]no[/]", fix.cost,
-                      " ".join(f"--set {o}" for o in fix.overrides))
+        table.add_row(str(i), escape(fix.change), gib(fix.total), "[green]yes[/]" if fix.fits else "[red]no[/]",
+                      fix.cost, escape(" ".join(f"--set {o}" for o in fix.overrides)))
     console.print(table)
 
 
