@@ -162,9 +162,13 @@ def test_eval_json_flag_prints_only_json_on_stdout(trained_run) -> None:
 
 
 def test_the_loss_curve_is_drawn_from_metrics(trained_run, tmp_path) -> None:
+    from qlora_cli.recipe import load_recipe
+
     run, summary = trained_run
+    every = load_recipe(run.recipe).training.logging_steps
     train, evals = loss_points(run)
-    assert len(train) == 15 and train[-1] == (150, pytest.approx(summary["final_train_loss"]))
+    assert [step for step, _ in train] == list(range(every, summary["steps"] + 1, every))
+    assert train[-1][1] == pytest.approx(summary["final_train_loss"])
     assert evals[0] == (0, pytest.approx(summary["first_eval_loss"]))
     assert run.loss_plot.is_file()  # drawn by qlora train at the end
     assert save_loss_plot(RunDir(tmp_path)) is None  # nothing logged, nothing drawn
