@@ -68,6 +68,9 @@ def train(
     force: Annotated[bool, typer.Option(
         "--force", help="Resume even though training fields of the recipe changed (they are listed).",
     )] = False,
+    gpus: Annotated[int, typer.Option(
+        "--gpus", min=1, help="Train on N GPUs of this machine (accelerate launch; see the recipe's distributed).",
+    )] = 1,
 ) -> None:
     """Train a LoRA adapter on a 4-bit base model as the recipe says.
 
@@ -86,6 +89,8 @@ def train(
     if dry_run:
         cmd.dry_run(r, console)
         return
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(cmd.launch(gpus, _argv_without_gpus(sys.argv[1:])))
     again = " ".join(["qlora train", shlex.quote(str(recipe)), *(f"--set {shlex.quote(s)}" for s in set_ or [])])
     cmd.train(r, console, overwrite=overwrite, resume=resume_from or resume, force=force, command=again)
 
@@ -205,6 +210,18 @@ def footprint(
 
     r = load_recipe(recipe, set_)
     cmd.footprint(r, console, gpus=gpu, vram=vram, max_batch=max_batch, as_json=json_, measure=measure)
+
+
+def _argv_without_gpus(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            out.append(a)
+    return out
 
 
 def run(argv: list[str] | None = None) -> None:

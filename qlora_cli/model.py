@@ -244,7 +244,7 @@ def load_model(recipe: Recipe, device: Device, precision: str) -> PreTrainedMode
         "trust_remote_code": recipe.model.trust_remote_code,
         "quantization_config": bnb_config(recipe.quantization, dtype),
     }
-    if device.is_cuda:
+    if device.is_cuda and not uses_fsdp(recipe):  # FSDP places (and shards) the weights itself
         kwargs["device_map"] = {"": _local_cuda_index()}
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(recipe.model), **kwargs)
     model.config.use_cache = False
@@ -252,6 +252,23 @@ def load_model(recipe: Recipe, device: Device, precision: str) -> PreTrainedMode
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def world_size() -> int:
+    """Processes in this run (set by accelerate launch / torchrun; 1 otherwise)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def uses_fsdp(recipe: Recipe) -> bool:
+    return recipe.distributed.strategy == "fsdp" and world_size() > 1
 
 
 def _local_cuda_index() -> int:

@@ -163,6 +163,20 @@ class TrainingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Several GPUs (`qlora train --gpus N`, or `accelerate launch`): how the work is split."""
+
+    strategy: Literal["ddp", "fsdp"] = _f(
+        "ddp",
+        help="ddp: one full 4-bit copy per GPU, batches split (more throughput); fsdp: the 4-bit weights sharded "
+        "across GPUs (models that do not fit one GPU; needs quantization.bnb_4bit_quant_storage: bfloat16).",
+    )
+    cpu_ram_efficient_loading: bool = _f(
+        True, help="FSDP: only rank 0 reads the weights into CPU memory, the others get them sharded."
+    )
+
+
+@dataclass
 class EvaluationConfig:
     """How answers are generated and scored (`qlora eval`, and the comparison printed after training)."""
 
@@ -183,6 +197,7 @@ class Recipe:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     path: Path | None = field(default=None, metadata={"internal": True})
 
@@ -212,6 +227,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoraSection,
     "data": DataConfig,
     "training": TrainingConfig,
+    "distributed": DistributedConfig,
     "evaluation": EvaluationConfig,
 }
 # Fields that other keys of the recipe own; `training.sft_args` may not set them.
@@ -227,6 +243,8 @@ OWNED_SFT_FIELDS = {
     "dataset_text_field": "data.format",
     "warmup_ratio": "training.warmup_steps (a value below 1 is a fraction)",
     "model_init_kwargs": "model and quantization",
+    "fsdp": "distributed.strategy",
+    "fsdp_config": "distributed.strategy",
 }
 
 
@@ -485,6 +503,12 @@ def _check_recipe(recipe: Recipe, source: _Source) -> None:
         raise UserError(f"`training.max_steps` is {recipe.training.max_steps}",
                         where=source.where(("training", "max_steps")),
                         fix="Use a positive number of steps, or -1 to train for num_train_epochs")
+    if recipe.distributed.strategy == "fsdp" and recipe.quantization.load_in_4bit and (
+        recipe.quantization.bnb_4bit_quant_storage == "uint8"
+    ):
+        raise UserError("FSDP cannot shard 4-bit weights stored as uint8",
+                        where=source.where(("quantization", "bnb_4bit_quant_storage")),
+                        fix="Set quantization.bnb_4bit_quant_storage: bfloat16 (the compute dtype)")
     sft_args = recipe.training.sft_args
     if sft_args:
         valid = _sft_field_names()

@@ -21,12 +21,15 @@ from ..model import (
     check_target_modules,
     count_parameters,
     detect_device,
+    is_main_process,
     load_model,
     load_tokenizer,
     lora_config,
     meta_model,
     resolve_attention,
     resolve_precision,
+    uses_fsdp,
+    world_size,
 )
 from ..recipe import Recipe
 from ..reliability import (
@@ -98,8 +101,33 @@ def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str
         dataset_num_proc=None,
         use_liger_kernel=t.use_liger_kernel and device.is_cuda and liger_available(),
         **eval_args,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
+        **distributed_args(recipe),
         **{**packed_shape_args(recipe, device), **t.sft_args},
     )
+
+
+def distributed_args(recipe: Recipe) -> dict[str, Any]:
+    """FSDP-QLoRA through accelerate: decoder layers auto-wrapped and sharded, 4-bit storage sharded with them."""
+    if not uses_fsdp(recipe):
+        return {}
+    import transformers
+
+    from ..model import load_config
+
+    config = load_config(recipe.model)
+    model_cls = getattr(transformers, (config.architectures or ["LlamaForCausalLM"])[0])
+    layers = list(getattr(model_cls, "_no_split_modules", None) or ["LlamaDecoderLayer"])
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "transformer_layer_cls_to_wrap": layers,
+            "cpu_ram_efficient_loading": recipe.distributed.cpu_ram_efficient_loading,
+            "sync_module_states": True,
+            "use_orig_params": False,
+            "offload_params": False,
+        },
+    }
 
 
 def packed_shape_args(recipe: Recipe, device: Device) -> dict[str, Any]:
@@ -184,6 +212,8 @@ def make_progress_callback(run: RunDir, device: Device, console: Console) -> Tra
                 self.progress.update(self.task, completed=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:  # rank 0 writes metrics.jsonl
+                return
             logs = dict(logs or {})
             now = time.perf_counter()
             record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0, 4),
@@ -344,7 +374,10 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     for w in caught:
         console.print(f"[yellow]note:[/] {w.message}", highlight=False)
     check_remote_code(recipe.model.name_or_path, recipe.model.tokenizer, recipe.model.trust_remote_code)
-    run = prepare_run_dir(recipe, overwrite, resume=bool(resume))
+    main = is_main_process()
+    if not main:  # other ranks of a multi-GPU run: rank 0 reports and writes
+        console = Console(quiet=True)
+    run = prepare_run_dir(recipe, overwrite, resume=bool(resume)) if main else RunDir(recipe.output_dir)
     checkpoint = None
     if resume:
         checkpoint = find_checkpoint(run, None if resume is True else resume)
@@ -376,12 +409,16 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     if device.is_cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    if checkpoint is not None:
+    if main and checkpoint is not None:
         resume_run_dir(run, recipe, checkpoint)
         console.print(f"Resuming from {checkpoint} (step {checkpoint_global_step(checkpoint)})")
-    else:
+    elif main:
         start_run_dir(run, recipe, overwrite)
     args = build_sft_config(recipe, run, device, precision, prepared.eval is not None)
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # the run directory is ready before any rank writes to it
     if checkpoint is not None:
         args.eval_on_start = False  # evaluated when the run started
     progress = make_progress_callback(run, device, console)
@@ -421,6 +458,10 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     final_eval = trainer.evaluate() if prepared.eval is not None else {}
     if final_eval:
         console.print(f"final eval_loss {final_eval['eval_loss']:.4f}")
+    if uses_fsdp(recipe):  # gather the sharded adapter into one state dict before saving
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if not main:
+        return {"steps": trainer.state.global_step, "rank": int(os.environ.get("RANK", "0"))}
 
     check_disk_space(run.path, need, "the adapter")
     with disk_errors("the adapter", run.adapter), atomic_dir(run.adapter, overwrite=True) as tmp:
@@ -442,6 +483,8 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
         f"peak_{label.lower()}_bytes": peak,
         "trainable_parameters": trainable,
+        "world_size": args.world_size,
+        "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         "train_loss": round(result.training_loss, 6),
         "final_train_loss": progress.train_logs[-1]["loss"] if progress.train_logs else None,
         "first_eval_loss": progress.eval_logs[0]["eval_loss"] if progress.eval_logs else None,
@@ -459,6 +502,27 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     save_loss_plot(run)
     print_summary(summary, run, console)
     return summary
+
+
+def launch(n: int, cli_args: list[str]) -> int:
+    """Run `qlora <cli_args>` in n processes, one per GPU, under accelerate's launcher; return its exit code.
+
+    The arguments go to the processes as a list (no shell). Each process trains on its GPU; rank 0 reports,
+    logs and writes the run directory.
+    """
+    import subprocess
+    import sys
+
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < n:
+        raise UserError(f"--gpus {n} asks for more GPUs than the {visible} visible", where="--gpus",
+                        fix=f"Use --gpus {visible}" if visible > 1 else "Run on a machine with several GPUs")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "qlora_cli.cli", *cli_args]
+    return subprocess.run(cmd).returncode
 
 
 def non_finite_error(stop: StopOnNonFinite, run: RunDir, recipe: Recipe) -> UserError:
