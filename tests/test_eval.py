@@ -196,3 +196,16 @@ def test_asking_for_rows_that_do_not_exist_is_a_clear_error(trained_run) -> None
         evaluate(run.path, data="PolyAI/banking77", console=_console())
     with pytest.raises(UserError, match="--limit 0"):
         evaluate(run.path, limit=0, console=_console())
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_refused_before_loading(trained_run, tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    run, _ = trained_run
+    other = tmp_path / "narrow-base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=693, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(other)
+    with pytest.raises(UserError, match=f"does not fit the base {other} \\(hidden size 128\\)") as err:
+        evaluate(run.path, overrides=[f"model.name_or_path={other}"], limit=2, console=_console())
+    assert err.value.where == "--set model.name_or_path"
+    assert "tiny-llama" in str(err.value)  # the base it was trained on

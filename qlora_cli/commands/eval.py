@@ -35,7 +35,7 @@ from ..errors import UserError
 from ..recipe import EvaluationConfig, ModelConfig, Recipe, load_recipe, parse_override, recipe_from_dict
 from ..run_dir import RunDir, atomic_write_json
 from ..scoring import Scores, generate, normalize, score
-from .merge import MERGE_INFO, find_adapter
+from .merge import MERGE_INFO, AdapterSource, check_adapter_fits, find_adapter, meta_model
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -54,6 +54,8 @@ class Target:
     run: RunDir | None
     recipe: Recipe
     base: ModelConfig  # the base model (for an adapter: what it is loaded on; for a merged model: --compare-base)
+    adapter: AdapterSource | None = None
+    base_from: str = "model.name_or_path"  # where the base was named, for error messages
 
     @property
     def results_dir(self) -> Path:
@@ -82,6 +84,7 @@ def resolve_target(path: str | Path, recipe_file: str | Path | None = None, data
         raise UserError(f"{str(path)!r} does not exist", where="PATH",
                         fix="Give a run directory, an adapter directory or a merged model directory")
     own: Recipe | None = None
+    source: AdapterSource | None = None
     is_model = (path / "config.json").is_file()
     if (path / "adapter_config.json").is_file() or (path / "adapter").is_dir() or (
             RunDir(path).recipe.is_file() and not is_model):
@@ -113,7 +116,25 @@ def resolve_target(path: str | Path, recipe_file: str | Path | None = None, data
     if kind == "adapter" and not base.name_or_path:
         raise UserError("the adapter does not say which base model it belongs to", where=str(model_path),
                         fix="Pass --recipe with the model section of the run that trained it")
-    return Target(kind, model_path, run, own, base)
+    base_from = f"{run.recipe} model.name_or_path" if run is not None else str(model_path)
+    if any(o.strip().startswith("model.name_or_path=") for o in overrides or []):
+        base_from = "--set model.name_or_path"
+    return Target(kind, model_path, run, own, base, source, base_from)
+
+
+def check_adapter_base(target: Target) -> None:
+    """Before any weight is read: the adapter's matrices must fit the base it is about to be loaded on."""
+    from ..model import load_config, resolve_model_path
+
+    if target.adapter is None:
+        return
+    try:
+        config = load_config(dataclasses.replace(target.base, name_or_path=resolve_model_path(target.base)))
+    except UserError as e:
+        raise UserError(e.message, where=target.base_from, fix=e.fix) from None
+    skeleton = meta_model(config, target.base.trust_remote_code)
+    check_adapter_fits(target.adapter, skeleton, target.base.name_or_path, target.base_from,
+                       fix="Evaluate it on the model it was trained on ({trained_on}): set model.name_or_path to it")
 
 
 def _merge_info(path: Path) -> dict[str, Any] | None:
@@ -208,6 +229,7 @@ def load_adapter_model(target: Target) -> Any:
 
     from ..model import Device, bnb_config, compute_dtype, resolve_model_path, resolve_precision
 
+    check_adapter_base(target)
     device = _device()
     if device == "cuda":
         import torch

@@ -185,7 +185,9 @@ def adapter_shapes(adapter: Path) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def check_adapter_fits(source: AdapterSource, base: torch.nn.Module, base_name: str, base_from: str) -> None:
+def check_adapter_fits(source: AdapterSource, base: torch.nn.Module, base_name: str, base_from: str,
+                       fix: str = "Merge into the model the adapter was trained on ({trained_on}): drop --base or "
+                       "point it there") -> None:
     """Every LoRA matrix must fit the module it adapts in `base`; one error naming adapter and base otherwise."""
     modules = dict(base.named_modules())
     params = {name: tuple(p.shape) for name, p in base.named_parameters()}
@@ -228,7 +230,7 @@ def check_adapter_fits(source: AdapterSource, base: torch.nn.Module, base_name: 
             f"the adapter {source.adapter} (trained on {trained_on}) does not fit the base {base_name}"
             f"{f' (hidden size {hidden})' if hidden else ''}: {problems[0]}{more}",
             where=base_from,
-            fix=f"Merge into the model the adapter was trained on ({trained_on}): drop --base or point it there",
+            fix=fix.format(trained_on=trained_on),
         )
 
 
