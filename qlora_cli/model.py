@@ -159,10 +159,8 @@ def load_config(model: ModelConfig) -> PretrainedConfig:
 
     name = model.name_or_path
     local = Path(name)
-    if name == TINY_MODEL_ID:
-        from .tiny import tiny_config
-
-        return tiny_config()
+    if name == TINY_MODEL_ID:  # made on first use; its vocabulary is what the trained tokenizer holds
+        return AutoConfig.from_pretrained(ensure_tiny_model())
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise UserError(f"model directory {name!r} has no config.json", where="model.name_or_path",

@@ -21,7 +21,7 @@ def test_dry_run_shows_recipe_parameters_data_and_the_loss_carrying_part(tmp_pat
     dry_run(recipe, console)
     out = console.export_text()
     assert "name_or_path: qlora/tiny-llama" in out
-    assert "Parameters: 2,149,632 total, 149,504 trainable" in out
+    assert "Parameters: 1,980,160 total, 149,504 trainable" in out
     assert "│ train │   300 │" in out.replace("│ train │  300 │", "│ train │   300 │")
     assert "Classify the banking request:" in out and "green carries loss" in out
     assert not (tmp_path / "run").exists(), "a dry run writes nothing"
