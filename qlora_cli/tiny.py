@@ -153,7 +153,7 @@ def ensure_tiny_model(path: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     tokenizer = build_tokenizer()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.device("cpu"):  # real weights, even inside a caller's meta context
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_config(len(tokenizer)))
     model.to(torch.bfloat16).save_pretrained(tmp)
