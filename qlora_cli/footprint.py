@@ -571,6 +571,9 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
                           f" = {b + 12} B", rough=True))
         notes.append("full logits: label smoothing needs them; without it TRL computes the loss in tiles")
     else:
+        # Per token: the final norm's saved input (fp32 copy, or Liger's bf16 one) and rms; the copy of the hidden
+        # states at loss positions that the chunked head keeps; in backward its fp32 gradient accumulator and the
+        # bf16 copy it returns; 44 B of per-token fp32 statistics (running max, sums, log-probs, entropy).
         tile = min(n, HEAD_TILE_TOKENS) * min(arch.vocab, HEAD_TILE_VOCAB) * b
         norm = b * h + 4 if s.liger else 4 * h + 4
         per_token = norm + b * h + 4 * h + b * h + 44
@@ -603,6 +606,9 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
 
     if not arch.exact_layout:
         notes.append(f"{arch.model_type}: layout assumed Llama-like (q/k/v/o + gated MLP); activations are rough")
+    if s.packing:
+        notes.append("packing: transformers masks the flattened micro-batch (tokens x tokens) for SDPA; "
+                      "modelled from the source, not measured")
     if s.use_dora:
         notes.append("DoRA: activation terms are rough")
     if s.act_bytes == 4:
