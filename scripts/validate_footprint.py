@@ -2,7 +2,10 @@
 
 On a CUDA machine without a model hub:
 
-    python scripts/validate_footprint.py --out results/ --jobs 2
+    python scripts/validate_footprint.py --group a --out results/ --jobs 2
+
+(group a: Mistral-7B and Llama-3-8B shapes, the first GPU run; group b: new shapes, Qwen2.5-7B and padded
+batches, the second; docs/footprint.md has both results.)
 
 1. makes random-weight checkpoints of the real shapes (the configs qlora ships for Mistral-7B and Llama-3-8B),
    in bf16, with a stand-in tokenizer (the tiny model's);
