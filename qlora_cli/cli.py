@@ -198,6 +198,8 @@ def footprint(
     measure: Annotated[bool, typer.Option(
         "--measure", help="On a CUDA GPU: run 2 training steps and print measured memory next to the estimate."),
     ] = False,
+    gpus: Annotated[int, typer.Option(
+        "--gpus", min=1, help="Per-GPU memory of a run on N GPUs (distributed.strategy: ddp or fsdp).")] = 1,
 ) -> None:
     """Estimate the GPU memory of a run before downloading weights: by component, with a verdict per GPU.
 
@@ -209,7 +211,8 @@ def footprint(
     from .recipe import load_recipe
 
     r = load_recipe(recipe, set_)
-    cmd.footprint(r, console, gpus=gpu, vram=vram, max_batch=max_batch, as_json=json_, measure=measure)
+    cmd.footprint(r, console, gpus=gpu, vram=vram, max_batch=max_batch, as_json=json_, measure=measure,
+                  processes=gpus)
 
 
 def _argv_without_gpus(argv: list[str]) -> list[str]:

@@ -236,6 +236,8 @@ class RunSettings:
     padding: bool = True  # batches may hold sequences of different lengths, so an attention mask is needed
     packing: bool = False
     seq_len_source: str = "data.max_length"
+    processes: int = 1  # GPUs of a multi-GPU run; the estimate is per GPU
+    fsdp: bool = False  # distributed.strategy: fsdp shards weights, adapters and optimizer state
 
     @property
     def tokens(self) -> int:
@@ -595,6 +597,9 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
         if t.key in off:
             t.at_peak = False
 
+    if s.processes > 1:
+        _per_gpu(terms, s, layers, notes)
+
     allocated = sum(t.bytes for t in terms if t.at_peak and t.in_torch)
     mode = "checkpointing" if s.gradient_checkpointing else "no checkpointing"
     overhead = ALLOCATOR_OVERHEAD[mode]
@@ -621,6 +626,33 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
     return Estimate(model, arch, s, terms, moment, params, notes, parts)
 
 
+def _per_gpu(terms: list[Term], s: RunSettings, layers: int, notes: list[str]) -> None:
+    """Per-GPU figures of an N-process run.
+
+    DDP keeps everything per GPU and adds its gradient buckets (a flat copy of the trainable gradients). FSDP
+    shards the parameters, their gradients and the optimizer state N ways, and gathers one decoder layer's
+    weights at a time (two with prefetch) for its forward and backward.
+    """
+    n = s.processes
+    if not s.fsdp:
+        grads = next(t.bytes for t in terms if t.key == "grads")
+        terms.append(Term("ddp_buckets", "DDP gradient buckets", grads, f"a copy of the LoRA gradients ({n} GPUs)",
+                          rough=True))
+        notes.append(f"DDP on {n} GPUs: per-GPU figures; not measured on GPUs")
+        return
+    sharded = {"base_4bit", "base_16bit", "lora", "grads", "optimizer", "optimizer_paged"}
+    layer = 0
+    for t in terms:
+        if t.key == "base_4bit":
+            layer = t.bytes // layers
+        if t.key in sharded:
+            t.bytes = -(-t.bytes // n)
+            t.formula += f" ÷ {n} GPUs (FSDP shard)"
+    terms.append(Term("fsdp_gather", "decoder layers gathered by FSDP (current + prefetched)", 2 * layer,
+                      "2 × one layer's 4-bit weights", rough=True))
+    notes.append(f"FSDP on {n} GPUs: per-GPU figures; not measured on GPUs")
+
+
 def check_targets(arch: Architecture, s: RunSettings) -> None:
     unknown = [m for m in s.target_modules if m not in arch.linears]
     if unknown:
@@ -628,12 +660,13 @@ def check_targets(arch: Architecture, s: RunSettings) -> None:
                         fix=f"Use `all-linear` or some of the model's linear layers: {', '.join(LINEAR_NAMES)}")
 
 
-def estimate_for_recipe(recipe: Recipe, prepared: PreparedData | None = None) -> Estimate:
-    """The estimate for a recipe, from the model's config alone (local directory, shipped config or hub)."""
+def estimate_for_recipe(recipe: Recipe, prepared: PreparedData | None = None, processes: int = 1) -> Estimate:
+    """The estimate for a recipe (per GPU of `processes`), from the model's config alone (local, shipped or hub)."""
     from .model import load_config
 
     arch = Architecture.from_config(load_config(recipe.model))
-    settings = settings_from_recipe(recipe, prepared)
+    settings = dataclasses.replace(settings_from_recipe(recipe, prepared), processes=processes,
+                                   fsdp=recipe.distributed.strategy == "fsdp")
     check_targets(arch, settings)
     return estimate(arch, settings, recipe.model.name_or_path)
 

@@ -73,3 +73,21 @@ def test_gpus_option_refuses_more_gpus_than_visible(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "--gpus 2 asks for more GPUs than the 0 visible" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_footprint_reports_per_gpu_memory_for_the_strategy() -> None:
+    from qlora_cli.footprint import estimate_for_recipe
+
+    llama = REPO / "recipes" / "llama3-8b.yaml"
+    one = estimate_for_recipe(load_recipe(llama))
+    ddp = estimate_for_recipe(load_recipe(llama), processes=2)
+    fsdp = estimate_for_recipe(load_recipe(llama, ["distributed.strategy=fsdp",
+                                                   "quantization.bnb_4bit_quant_storage=bfloat16"]), processes=4)
+    # DDP: a full copy per GPU plus the gradient buckets.
+    assert ddp.term("base_4bit").bytes == one.term("base_4bit").bytes
+    assert ddp.term("ddp_buckets").bytes == one.term("grads").bytes
+    # FSDP: weights, adapters and optimizer state sharded 4 ways; activations stay per GPU.
+    assert fsdp.term("base_4bit").bytes == -(-one.term("base_4bit").bytes // 4)
+    assert fsdp.term("optimizer").bytes < one.term("optimizer").bytes
+    assert fsdp.term("activations").bytes == one.term("activations").bytes
+    assert fsdp.total < one.total

@@ -38,14 +38,15 @@ from ..recipe import Recipe
 
 
 def footprint(recipe: Recipe, console: Console, gpus: list[str] | None = None, vram: str | None = None,
-              max_batch: bool = False, as_json: bool = False, measure: bool = False, steps: int = 2) -> dict:
+              max_batch: bool = False, as_json: bool = False, measure: bool = False, steps: int = 2,
+              processes: int = 1) -> dict:
     """Print (or return as JSON) the estimate, the verdicts, fixes when it does not fit, and a measurement."""
     targets = [find_gpu(g) for g in gpus or []] + ([parse_vram(vram)] if vram else [])
     measured = None
     if measure:
         measured, est = measure_recipe(recipe, console, steps)
     else:
-        est = estimate_for_recipe(recipe)
+        est = estimate_for_recipe(recipe, processes=processes)
     shown = targets or [find_gpu(g) for g in COMMON_GPUS]
     target = min(targets, key=lambda g: g.bytes) if targets else None
     fixes = suggestions(est.arch, est.settings, target.bytes) if target and est.total > target.bytes else []
