@@ -141,6 +141,9 @@ def load_source(source: str | list[str], subset: str | None = None, split: str =
     try:
         return load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
     except Exception as e:
+        if "corresponds to no data" in str(e):  # `datasets` on a file with a header or `[]` but no rows
+            raise UserError(f"the dataset has no rows ({', '.join(map(str, files))})", where=key,
+                            fix="Point data.source at a file with examples") from None
         raise UserError(f"cannot read {', '.join(map(str, files))}: {str(e).splitlines()[0]}", where=key,
                         fix="Check that the file is valid for its extension") from None
 

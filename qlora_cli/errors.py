@@ -31,7 +31,8 @@ class UserError(Exception):
     def render(self) -> str:
         text = f"{self.where}: {self.message}." if self.where else f"{self.message}."
         if self.fix:
-            text += f" {self.fix.rstrip('.')}."
+            fix = self.fix.rstrip(".")
+            text += f" {fix}" if fix.endswith(("?", "!")) else f" {fix}."
         return text
 
 

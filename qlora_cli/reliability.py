@@ -92,7 +92,10 @@ def checkpoint_global_step(path: Path) -> int:
 
 
 def missing_checkpoint_files(path: Path) -> list[str]:
-    return [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    def present(name: str) -> bool:  # a multi-GPU run writes rng_state_<rank>.pth
+        return (path / name).is_file() or (name == "rng_state.pth" and any(path.glob("rng_state_*.pth")))
+
+    return [name for name in CHECKPOINT_FILES if not present(name)]
 
 
 def complete_checkpoints(run: RunDir) -> list[Path]:
@@ -352,35 +355,43 @@ def atomic_checkpoint_trainer() -> type:
             return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            """Every rank writes into one hidden staging directory; rank 0 publishes it once all are done."""
             root = Path(super()._get_output_dir(trial))
             name = f"checkpoint-{self.state.global_step}"
-            final = root / name
+            final, staging = root / name, root / f"{STAGING_PREFIX}{name}"
+            main = self.args.should_save
             latest = max((p for p in root.glob("checkpoint-*") if p.is_dir()), key=os.path.getmtime, default=None)
             need = max(self.checkpoint_estimate, _tree_size(latest) if latest else 0)
-            check_disk_space(root, need, f"checkpoint {name}")
-            self._staging = root / f"{STAGING_PREFIX}{name}-{os.getpid()}"
+            check_disk_space(root, need, f"checkpoint {name}")  # on every rank: all stop, or none
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+            self.accelerator.wait_for_everyone()
+            self._staging = staging
             try:
                 with disk_errors(f"checkpoint {name}", final):
                     super()._save_checkpoint(model, trial)
-                    staged = self._staging / name
+                    staged = staging / name
                     best = self.state.best_global_step
                     if best and (root / f"checkpoint-{best}").is_dir():  # best checkpoints live in `root`
                         self.state.best_model_checkpoint = str(root / f"checkpoint-{best}")
                     elif best == self.state.global_step:
                         self.state.best_model_checkpoint = str(final)
-                    if self.args.should_save and (staged / "trainer_state.json").is_file():
+                    if main and (staged / "trainer_state.json").is_file():
                         self.state.save_to_json(str(staged / "trainer_state.json"))
                     fsync_tree(staged)
             except BaseException:
-                shutil.rmtree(self._staging, ignore_errors=True)
+                if main:
+                    shutil.rmtree(staging, ignore_errors=True)
                 raise
             finally:
-                staging, self._staging = self._staging, None
-            publish_dir(staged, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            if self.args.should_save:
+                self._staging = None
+            self.accelerator.wait_for_everyone()
+            if main:
+                publish_dir(staged, final)
+                shutil.rmtree(staging, ignore_errors=True)
                 rotate_checkpoints(output_dir=str(root), save_total_limit=self.args.save_total_limit,
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            self.accelerator.wait_for_everyone()
 
     return AtomicCheckpointTrainer
 
@@ -414,6 +425,8 @@ class StopOnSignal:
 
         class _Callback(_callback_base()):
             def on_step_end(self, args, state, control, **kwargs):
+                if args.world_size > 1:  # a signal on any rank stops all of them at the same step
+                    outer.signum = _max_over_ranks(outer.signum or 0) or None
                 if outer.signum is not None:
                     outer.step = state.global_step
                     control.should_save = True
@@ -448,6 +461,16 @@ class StopOnSignal:
 
     def __exit__(self, *exc: Any) -> None:
         self.restore()
+
+
+def _max_over_ranks(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    tensor = torch.tensor([value], device=PartialState().device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 class StopOnNonFinite:
