@@ -204,6 +204,13 @@ def test_resume_from_a_given_checkpoint(tmp_path: Path, reference: RunDir) -> No
         cli_run(cli_args(tmp_path, "--resume-from", "checkpoint-4"))
     assert e.value.code in (0, None)
     compare(reference, run)
+    resumed, first = json.loads(run.summary.read_text()), json.loads(reference.summary.read_text())
+    assert resumed["tokens"] == first["tokens"], "the same rows were seen"
+    at_checkpoint = json.loads((run.checkpoints / "checkpoint-4" / "trainer_state.json").read_text())
+    session = resumed["tokens"] - at_checkpoint["num_input_tokens_seen"]
+    assert session > 0
+    assert resumed["tokens_per_s"] * resumed["train_time_s"] == pytest.approx(session, rel=0.05), \
+        "throughput counts this session's tokens only"
 
 
 def test_resuming_with_changed_training_fields_is_refused_with_the_list(tmp_path: Path, reference: RunDir) -> None:

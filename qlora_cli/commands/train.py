@@ -199,7 +199,7 @@ def make_progress_callback(run: RunDir, device: Device, console: Console) -> Tra
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
-            self.last = (self.start, 0)
+            self.last = (self.start, state.num_input_tokens_seen)  # not 0 when resuming
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                 TimeRemainingColumn(), console=console, transient=False,
@@ -470,6 +470,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
 
     peak, label = _memory(device)
     tokens = trainer.state.num_input_tokens_seen
+    session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)  # a resumed run counts on
     summary: dict[str, Any] = {
         "recipe": str(recipe.path) if recipe.path else None,
         "model": recipe.model.name_or_path,
@@ -480,7 +481,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         "train_time_s": round(train_s, 2),
         "load_time_s": round(load_s, 2),
         "tokens": tokens,
-        "tokens_per_s": round(tokens / train_s, 1) if train_s > 0 else None,
+        "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
         f"peak_{label.lower()}_bytes": peak,
         "trainable_parameters": trainable,
         "world_size": args.world_size,
