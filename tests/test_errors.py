@@ -326,6 +326,18 @@ assert len(CASES) >= 25
 # ------------------------------------------------------------------------------------------------- harness
 
 
+@pytest.fixture(autouse=True)
+def _no_dataset_progress_bars():
+    """`qlora` turns them off before `datasets` is imported; in one pytest process another test may import it first."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    yield
+    if enabled:
+        datasets.enable_progress_bars()
+
+
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*"))}
