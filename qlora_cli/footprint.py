@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .model import liger_installed
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -242,12 +243,6 @@ class RunSettings:
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq_len
-
-
-def liger_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None) -> RunSettings:

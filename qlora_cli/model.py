@@ -5,7 +5,9 @@ Nothing here reads the recipe file or trains; each function takes the typed sect
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -174,10 +176,7 @@ def load_config(model: ModelConfig) -> PretrainedConfig:
         return AutoConfig.from_pretrained(name, revision=model.revision, trust_remote_code=model.trust_remote_code,
                                           local_files_only=not hub_reachable())
     except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise UserError(f"model {name!r} needs its own Python code to load", where="model.trust_remote_code",
-                            fix="Set model.trust_remote_code: true if you trust that repository") from None
-        raise
+        raise remote_code_error(name, e) from None
     except OSError as e:
         raise UserError(
             f"cannot find model {name!r} locally or on the hub ({str(e).splitlines()[0]})",
@@ -187,9 +186,21 @@ def load_config(model: ModelConfig) -> PretrainedConfig:
         ) from None
 
 
+def remote_code_error(name: str, error: ValueError) -> Exception:
+    """transformers' refusal to run a model's own code, as a user error; any other ValueError unchanged."""
+    if "trust_remote_code" not in str(error):
+        return error
+    return UserError(f"model {name!r} needs its own Python code to load", where="model.trust_remote_code",
+                     fix="Set model.trust_remote_code: true if you trust that repository")
+
+
+def liger_installed() -> bool:
+    """Whether Liger's kernels can be used (the `gpu` extra)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub answers at all (one quick TCP connect), so offline runs fail fast."""
-    import os
     import socket
     from urllib.parse import urlparse
 
@@ -244,7 +255,10 @@ def load_model(recipe: Recipe, device: Device, precision: str) -> PreTrainedMode
     }
     if device.is_cuda and not uses_fsdp(recipe):  # FSDP places (and shards) the weights itself
         kwargs["device_map"] = {"": _local_cuda_index()}
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(recipe.model), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(recipe.model), **kwargs)
+    except ValueError as e:
+        raise remote_code_error(recipe.model.name_or_path, e) from None
     model.config.use_cache = False
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -254,14 +268,10 @@ def load_model(recipe: Recipe, device: Device, precision: str) -> PreTrainedMode
 
 def world_size() -> int:
     """Processes in this run (set by accelerate launch / torchrun; 1 otherwise)."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
-    import os
-
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -270,8 +280,6 @@ def uses_fsdp(recipe: Recipe) -> bool:
 
 
 def _local_cuda_index() -> int:
-    import os
-
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 

@@ -22,6 +22,7 @@ from ..model import (
     count_parameters,
     detect_device,
     is_main_process,
+    liger_installed,
     load_model,
     load_tokenizer,
     lora_config,
@@ -99,7 +100,7 @@ def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str
         packing=recipe.data.packing,
         completion_only_loss=True,
         dataset_num_proc=None,
-        use_liger_kernel=t.use_liger_kernel and device.is_cuda and liger_available(),
+        use_liger_kernel=t.use_liger_kernel and device.is_cuda and liger_installed(),
         **eval_args,
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
         **distributed_args(recipe),
@@ -140,12 +141,6 @@ def packed_shape_args(recipe: Recipe, device: Device) -> dict[str, Any]:
     if recipe.data.packing and resolve_attention(recipe, device) == "flex_attention":
         return {"pad_to_multiple_of": min(1024, recipe.data.max_length)}
     return {}
-
-
-def liger_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def set_adapter_dtype(model: Any, dtype_name: str) -> None:
@@ -393,14 +388,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     warn_if_too_big(recipe, device, console, prepared)
     console.print(f"Loading {recipe.model.name_or_path} ({weights}, {precision}) on {device.name}")
     t0 = time.perf_counter()
-    try:
-        model = load_model(recipe, device, precision)
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):
-            raise
-        raise UserError(f"model {recipe.model.name_or_path!r} needs its own Python code to load",
-                        where="model.trust_remote_code",
-                        fix="Set model.trust_remote_code: true if you trust that repository") from None
+    model = load_model(recipe, device, precision)
     check_target_modules(model, recipe.lora)
     load_s = time.perf_counter() - t0
     need = checkpoint_bytes(lora_parameter_count(model, recipe.lora), recipe.lora.adapter_dtype,
