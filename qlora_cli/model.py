@@ -199,6 +199,41 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def resolve_compile(training: TrainingConfig, device: Device) -> bool:
+    """`auto` -> compile the decoder layers on CUDA (where launch overhead bounds the step), not on CPU."""
+    if training.compile_layers == "auto":
+        return device.is_cuda
+    return bool(training.compile_layers)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the largest ModuleList (the decoder layers of every causal LM in transformers)."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def compile_layers(model: torch.nn.Module, **compile_kwargs: Any) -> int:
+    """torch.compile each decoder layer in place (regional compilation); returns how many were compiled.
+
+    Layers share one class, so the first compile is reused by the others. In place (`Module.compile`), so
+    parameter names, checkpoints and the saved adapter are unchanged; gradient checkpointing wraps the compiled
+    call and recomputes through it. Lengths vary between steps, so shapes are marked dynamic after the first
+    recompile (torch's default).
+    """
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return len(layers)
+
+
+def uncompile_layers(model: torch.nn.Module) -> None:
+    """Back to eager layers (generation with a KV cache would recompile for every new length)."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the model hub answers at all (one quick TCP connect), so offline runs fail fast."""
     import socket

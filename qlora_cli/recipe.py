@@ -156,6 +156,11 @@ class TrainingConfig:
     use_liger_kernel: bool = _f(
         True, help="Liger's fused RMSNorm/SwiGLU/RoPE kernels, on CUDA when liger-kernel is installed."
     )
+    compile_layers: bool | Literal["auto"] = _f(
+        "auto",
+        help="torch.compile each decoder layer (fuses LoRA, norms and activations; far fewer kernel launches); "
+        "`auto` = on for CUDA training. The first steps are slower while it compiles.",
+    )
     allow_cpu: bool = _f(False, help="Train on the CPU when no CUDA GPU is visible (tiny models and tests only).")
     sft_args: dict[str, Any] = _f(
         {}, help="Any other trl.SFTConfig / TrainingArguments field, passed through after validation."

@@ -205,7 +205,7 @@ def run_qlora(ckpt: Path, data: Path, a: argparse.Namespace, overrides: list[str
     cuda = a.device == "cuda"
     recipe_path = a.workdir / "bench-recipe.yaml"
     recipe_path.write_text(f"""
-model: {{name_or_path: {ckpt}, attn_implementation: sdpa}}
+model: {{name_or_path: {ckpt}}}
 lora: {{r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: {TARGETS}}}
 data: {{source: {data}, format: text, max_length: {a.seq_len}, packing: true}}
 training:

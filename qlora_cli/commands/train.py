@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..model import (
     Device,
     check_target_modules,
+    compile_layers,
     count_parameters,
     detect_device,
     is_main_process,
@@ -28,7 +29,9 @@ from ..model import (
     lora_config,
     meta_model,
     resolve_attention,
+    resolve_compile,
     resolve_precision,
+    uncompile_layers,
     uses_fsdp,
     world_size,
 )
@@ -427,10 +430,20 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     console.print(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters; "
                   f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
                   f" x {args.world_size} sequences of up to {recipe.data.max_length} tokens")
+    if resolve_compile(recipe.training, device):
+        n = compile_layers(trainer.model)
+        console.print(f"Compiling {n} decoder layers with torch.compile (training.compile_layers); the first steps "
+                      "are slower while it compiles")
     t1 = time.perf_counter()
     with stop_signal:
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        except Exception as e:
+            if type(e).__module__.startswith("torch._dynamo") or type(e).__module__.startswith("torch._inductor"):
+                raise UserError(f"torch.compile failed on the decoder layers ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:300]})", where="training.compile_layers",
+                                fix="Set `training.compile_layers: false` to train with eager layers") from e
+            raise
         finally:
             if progress.progress is not None:  # an error skipped on_train_end: stop the live display
                 progress.progress.stop()
@@ -483,6 +496,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         summary["resumed_from"] = str(checkpoint)
     if device.is_cuda:
         summary["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    uncompile_layers(trainer.model)  # generation below, and the caller, get eager layers
     if recipe.evaluation.compare_after_training and prepared.eval is not None and prepared.format != "text":
         summary["comparison"] = compare_base_and_adapter(recipe, prepared, trainer.model, tokenizer, console)
     with disk_errors("the run summary", run.summary):
