@@ -258,10 +258,11 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None) -
         padding = False
     targets = LINEAR_NAMES if lora.target_modules == "all-linear" else (
         (lora.target_modules,) if isinstance(lora.target_modules, str) else tuple(lora.target_modules))
-    # Liger's kernels run when the recipe asks for them and liger-kernel is installed (as `qlora train` decides;
-    # here, on the machine that estimates). TRL 1.16 keeps its own chunked loss head either way; only label
-    # smoothing makes it build the full logits.
-    liger = bool(getattr(t, "use_liger_kernel", False) or t.sft_args.get("use_liger_kernel")) and liger_installed()
+    # Liger's kernels run when the recipe asks for them, liger-kernel is installed (as `qlora train` decides;
+    # here, on the machine that estimates) and the layers are not compiled (on a GPU `auto` compiles them). TRL
+    # 1.16 keeps its own chunked loss head either way; only label smoothing makes it build the full logits.
+    liger = (bool(getattr(t, "use_liger_kernel", False) or t.sft_args.get("use_liger_kernel"))
+             and liger_installed() and getattr(t, "compile_layers", False) is False)
     label_smoothing = float(t.sft_args.get("label_smoothing_factor") or 0) > 0
     return RunSettings(
         micro_batch=t.per_device_train_batch_size,

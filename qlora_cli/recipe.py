@@ -154,7 +154,8 @@ class TrainingConfig:
     save_steps: int = _f(500, help="Checkpoint every N steps.", gt=0)
     save_total_limit: int | None = _f(2, help="Keep at most N checkpoints.", gt=0)
     use_liger_kernel: bool = _f(
-        True, help="Liger's fused RMSNorm/SwiGLU/RoPE kernels, on CUDA when liger-kernel is installed."
+        True, help="Liger's fused RMSNorm/SwiGLU/RoPE kernels, on CUDA when liger-kernel is installed and the "
+        "layers are not compiled (compile_layers fuses the same ops).",
     )
     compile_layers: bool | Literal["auto"] = _f(
         "auto",

@@ -148,6 +148,7 @@ def summarize(records: list[dict], warmup: int, load_s: float, device: str) -> d
         "timed_steps": len(steps),
         "load_s": load_s,
         "losses": [round(r["loss"], 5) for r in records],
+        "step_s": [round(b["t"] - a["t"], 3) for a, b in zip(records, records[1:])],
     }
     if device == "cuda":
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9

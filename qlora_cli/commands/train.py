@@ -35,7 +35,7 @@ from ..model import (
     uses_fsdp,
     world_size,
 )
-from ..recipe import Recipe
+from ..recipe import Recipe, TrainingConfig
 from ..reliability import (
     Interrupted,
     StopOnNonFinite,
@@ -103,12 +103,18 @@ def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str
         packing=recipe.data.packing,
         completion_only_loss=True,
         dataset_num_proc=None,
-        use_liger_kernel=t.use_liger_kernel and device.is_cuda and liger_installed(),
+        use_liger_kernel=uses_liger(t, device),
         **eval_args,
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
         **distributed_args(recipe),
         **{**packed_shape_args(recipe, device), **t.sft_args},
     )
+
+
+def uses_liger(t: TrainingConfig, device: Device) -> bool:
+    """Liger's layer kernels, on CUDA when installed and the layers are not compiled (compiling fuses the same
+    norms, activations and RoPE itself, and Liger's kernels would split the compiled graphs)."""
+    return t.use_liger_kernel and device.is_cuda and liger_installed() and not resolve_compile(t, device)
 
 
 def distributed_args(recipe: Recipe) -> dict[str, Any]:
