@@ -199,11 +199,13 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def resolve_compile(training: TrainingConfig, device: Device) -> bool:
-    """`auto` -> compile the decoder layers on CUDA (where launch overhead bounds the step), not on CPU."""
-    if training.compile_layers == "auto":
-        return device.is_cuda
-    return bool(training.compile_layers)
+def resolve_compile(recipe: Recipe, device: Device) -> bool:
+    """`auto` -> compile the decoder layers for CUDA training, except under FSDP (whose flat parameters
+    torch.compile does not trace); not on CPU, where compiling costs more than a tiny run takes."""
+    setting = recipe.training.compile_layers
+    if setting == "auto":
+        return device.is_cuda and not uses_fsdp(recipe)
+    return bool(setting)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -223,6 +225,7 @@ def compile_layers(model: torch.nn.Module, **compile_kwargs: Any) -> int:
     recompile (torch's default).
     """
     layers = decoder_layers(model)
+    keep_4bit_training_layout(model)  # the layout the graphs are compiled against
     for layer in layers:
         layer.compile(**compile_kwargs)
     return len(layers)
@@ -295,10 +298,24 @@ def load_model(recipe: Recipe, device: Device, precision: str) -> PreTrainedMode
     except ValueError as e:
         raise remote_code_error(recipe.model.name_or_path, e) from None
     model.config.use_cache = False
+    keep_4bit_training_layout(model)
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def keep_4bit_training_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for inference on AVX512-BF16 CPUs.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight on its first no-grad CPU forward (an evaluation) and then
+    runs every later forward, training ones too, through an inference kernel whose output carries no gradient
+    to the layer's input: training after an evaluation silently loses the gradient through the frozen weights
+    (measured on the tiny model: loss 7.23 instead of 6.02 after 8 steps). No effect on CUDA.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def world_size() -> int:

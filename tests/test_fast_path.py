@@ -104,3 +104,106 @@ def test_packed_examples_do_not_attend_to_each_other(examples, tiny_model_dir: P
             part = packed[start:start + len(r["input_ids"])]
             assert (part.float() - alone.float()).abs().max().item() < 0.1
             start += len(r["input_ids"])
+
+
+# ------------------------------------------------------------------------------------------------ compiled layers
+# `training.compile_layers` (on by default for CUDA training) runs each decoder layer through torch.compile. These
+# tests run on the GPU when one is visible (the path users get), else on the CPU (CI).
+
+DEVICE = Device("cuda", "CUDA", None, True) if torch.cuda.is_available() else Device("cpu", "CPU", None, True)
+
+
+def compile_backend() -> str:
+    """inductor (what training uses) where it can build kernels; without a C compiler on a CPU-only machine,
+    aot_eager still traces the layers and their backward through dynamo and AOT autograd."""
+    import shutil
+
+    return "inductor" if DEVICE.is_cuda or shutil.which("cc") or shutil.which("gcc") else "aot_eager"
+
+
+def lora_model(recipe, compiled: bool, precision: str = "bf16"):
+    from peft import get_peft_model
+
+    from qlora_cli.model import compile_layers
+
+    model = load_model(recipe, DEVICE, precision)
+    torch.manual_seed(0)
+    model = get_peft_model(model, lora_config(recipe.lora))
+    set_adapter_dtype(model, "bfloat16" if precision == "bf16" else "float32")
+    with torch.no_grad():  # a non-trivial adapter state, the same in every model built here
+        gen = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.train()
+    if compiled:
+        assert compile_layers(model, backend=compile_backend()) == 2
+    return model  # load_model placed it on the GPU, if any
+
+
+def packed_batch(tokenizer, rows) -> dict:
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    features = [{"input_ids": r["input_ids"], "labels": r["input_ids"]} for r in rows]
+    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features)
+    return {k: v.to(DEVICE.type) if isinstance(v, torch.Tensor) else v for k, v in flat.items()}
+
+
+def seeded_step(model, batch: dict, seed: int = 123) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients(examples, tiny_model_dir: Path) -> None:
+    """Compiling fuses LoRA, norms and activations; with dropout 0 the step is the eager step up to bf16 rounding."""
+    recipe, tokenizer, rows = examples  # lora_dropout 0, gradient checkpointing on
+    batch = packed_batch(tokenizer, rows)
+    loss_eager, grads_eager = seeded_step(lora_model(recipe, compiled=False), batch)
+    loss_compiled, grads_compiled = seeded_step(lora_model(recipe, compiled=True), batch)
+    assert loss_compiled == pytest.approx(loss_eager, rel=1e-2)
+    assert grads_eager.keys() == grads_compiled.keys() and len(grads_eager) == 28
+    for name, a in grads_eager.items():
+        b = grads_compiled[name]
+        cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+        assert cosine > 0.995, (name, cosine)
+        assert (b.norm() / a.norm()).item() == pytest.approx(1.0, abs=0.02), name
+
+
+def test_compiled_layers_recompute_the_same_dropout_under_checkpointing(tmp_path: Path, examples) -> None:
+    """Gradient checkpointing reruns each compiled layer in backward; the rerun must draw the dropout masks of
+    the first pass, or the gradients would silently be wrong. In fp32 (no bf16 rounding to tell apart),
+    checkpointed and stored activations give the same loss and gradients."""
+    _, tokenizer, rows = examples
+    batch = packed_batch(tokenizer, rows)
+    models = {}
+    for checkpointing in (True, False):
+        recipe = demo_recipe(tmp_path, "lora.lora_dropout=0.3", f"training.gradient_checkpointing={checkpointing}")
+        models[checkpointing] = lora_model(recipe, compiled=True, precision="fp32")
+    loss_ckpt, grads_ckpt = seeded_step(models[True], batch)
+    loss_stored, grads_stored = seeded_step(models[False], batch)
+    _, grads_other_masks = seeded_step(models[False], batch, seed=7)
+    name = next(iter(grads_stored))
+    assert ((grads_stored[name] - grads_other_masks[name]).norm() / grads_stored[name].norm()).item() > 1e-2
+    assert loss_ckpt == pytest.approx(loss_stored, rel=1e-6)
+    for name, a in grads_stored.items():
+        assert ((a - grads_ckpt[name]).norm() / a.norm()).item() < 1e-4, name
+
+
+def test_an_evaluation_does_not_cut_the_gradient_through_4bit_weights(examples) -> None:
+    """bitsandbytes repacks 4-bit weights for inference on AVX512-BF16 CPUs after a no-grad forward, and its
+    inference kernel passes no gradient back; qlora's models keep the training layout (eval_on_start is common)."""
+    recipe, _, _ = examples
+    layer = load_model(recipe, DEVICE, "bf16").model.layers[0].self_attn.q_proj
+    x = torch.randn(4, layer.in_features, dtype=torch.bfloat16, device=DEVICE.type, requires_grad=True)
+    grad_out = torch.randn(4, layer.out_features, dtype=torch.bfloat16, device=DEVICE.type)
+    layer(x).backward(grad_out)
+    before, x.grad = x.grad.clone(), None
+    layer.eval()
+    with torch.no_grad():
+        layer(x.detach())
+    layer.train()
+    layer(x).backward(grad_out)
+    assert x.grad is not None and torch.equal(x.grad, before)

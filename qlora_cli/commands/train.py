@@ -35,7 +35,7 @@ from ..model import (
     uses_fsdp,
     world_size,
 )
-from ..recipe import Recipe, TrainingConfig
+from ..recipe import Recipe
 from ..reliability import (
     Interrupted,
     StopOnNonFinite,
@@ -103,7 +103,7 @@ def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str
         packing=recipe.data.packing,
         completion_only_loss=True,
         dataset_num_proc=None,
-        use_liger_kernel=uses_liger(t, device),
+        use_liger_kernel=uses_liger(recipe, device),
         **eval_args,
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
         **distributed_args(recipe),
@@ -111,10 +111,11 @@ def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str
     )
 
 
-def uses_liger(t: TrainingConfig, device: Device) -> bool:
+def uses_liger(recipe: Recipe, device: Device) -> bool:
     """Liger's layer kernels, on CUDA when installed and the layers are not compiled (compiling fuses the same
     norms, activations and RoPE itself, and Liger's kernels would split the compiled graphs)."""
-    return t.use_liger_kernel and device.is_cuda and liger_installed() and not resolve_compile(t, device)
+    return (recipe.training.use_liger_kernel and device.is_cuda and liger_installed()
+            and not resolve_compile(recipe, device))
 
 
 def distributed_args(recipe: Recipe) -> dict[str, Any]:
@@ -436,7 +437,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     console.print(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters; "
                   f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
                   f" x {args.world_size} sequences of up to {recipe.data.max_length} tokens")
-    if resolve_compile(recipe.training, device):
+    if resolve_compile(recipe, device):
         n = compile_layers(trainer.model)
         console.print(f"Compiling {n} decoder layers with torch.compile (training.compile_layers); the first steps "
                       "are slower while it compiles")
