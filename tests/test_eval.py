@@ -55,7 +55,7 @@ def test_loss_uses_the_training_masks(report, trained_run) -> None:
     _, summary = trained_run
     adapter, base = report["results"]["adapter"], report["results"]["base"]
     assert adapter["loss_tokens"] == base["loss_tokens"] == 180  # " intent</s>": 3 tokens x 60 rows (dry-run table)
-    assert adapter["loss"] == pytest.approx(summary["final_eval_loss"], rel=0.05)
+    assert adapter["loss"] == pytest.approx(summary["final_eval_loss"], rel=0.05, abs=5e-4)  # near 0 when learned
     assert base["loss"] == pytest.approx(summary["first_eval_loss"], rel=0.05)  # eval_on_start: adapter B = 0
 
 

@@ -17,10 +17,17 @@ from qlora_cli import data as datamod
 from qlora_cli.commands.train import set_adapter_dtype
 from qlora_cli.model import Device, load_model, load_tokenizer, lora_config
 
+# The tests run on the GPU when one is visible (the path users get), else on the CPU (CI).
+DEVICE = Device("cuda", "CUDA", None, True) if torch.cuda.is_available() else Device("cpu", "CPU", None, True)
+
+
+def on_device(batch: dict) -> dict:
+    return {k: v.to(DEVICE.type) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
 
 def one_step(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         loss = model(**batch).loss
     loss.backward()
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
@@ -50,20 +57,21 @@ def test_fast_path_matches_the_usual_recipe(examples, tiny_model_dir: Path) -> N
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quant, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation="sdpa",
+                                                 device_map={"": 0} if DEVICE.is_cuda else None)
     plain = prepare_model_for_kbit_training(plain, use_gradient_checkpointing=True)
     torch.manual_seed(0)
     plain = get_peft_model(plain, lora_config(recipe.lora))
-    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(features)
+    padded = on_device(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(features))
     assert padded["input_ids"].shape[0] == 3 and "attention_mask" in padded
 
     # qlora's path: no upcast, bf16 adapters, padding-free batch.
-    fast = load_model(recipe, Device("cpu", "CPU", None, True), "bf16")
+    fast = load_model(recipe, DEVICE, "bf16")
     assert fast.model.norm.weight.dtype == torch.bfloat16  # nothing upcast to fp32
     torch.manual_seed(0)
     fast = get_peft_model(fast, lora_config(recipe.lora))
     set_adapter_dtype(fast, "bfloat16")
-    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features)
+    flat = on_device(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features))
     assert flat["input_ids"].shape[0] == 1 and "position_ids" in flat
 
     # LoRA B starts at zero, so the first step's outputs equal the base model's; put both in the same
@@ -93,24 +101,22 @@ def test_packed_examples_do_not_attend_to_each_other(examples, tiny_model_dir: P
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     recipe, tokenizer, rows = examples
-    model = load_model(recipe, Device("cpu", "CPU", None, True), "bf16")
+    model = load_model(recipe, DEVICE, "bf16")
     features = [{"input_ids": r["input_ids"]} for r in rows]
-    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features)
+    flat = on_device(DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features))
     with torch.no_grad():
         packed = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"]).logits[0]
         start = 0
         for r in rows:
-            alone = model(input_ids=torch.tensor([r["input_ids"]])).logits[0]
+            alone = model(input_ids=torch.tensor([r["input_ids"]], device=DEVICE.type)).logits[0]
             part = packed[start:start + len(r["input_ids"])]
             assert (part.float() - alone.float()).abs().max().item() < 0.1
             start += len(r["input_ids"])
 
 
 # ------------------------------------------------------------------------------------------------ compiled layers
-# `training.compile_layers` (on by default for CUDA training) runs each decoder layer through torch.compile. These
-# tests run on the GPU when one is visible (the path users get), else on the CPU (CI).
+# `training.compile_layers` (on by default for CUDA training) runs each decoder layer through torch.compile.
 
-DEVICE = Device("cuda", "CUDA", None, True) if torch.cuda.is_available() else Device("cpu", "CPU", None, True)
 
 
 def compile_backend() -> str:
@@ -146,7 +152,7 @@ def packed_batch(tokenizer, rows) -> dict:
 
     features = [{"input_ids": r["input_ids"], "labels": r["input_ids"]} for r in rows]
     flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(features)
-    return {k: v.to(DEVICE.type) if isinstance(v, torch.Tensor) else v for k, v in flat.items()}
+    return on_device(flat)
 
 
 def seeded_step(model, batch: dict, seed: int = 123) -> tuple[float, dict[str, torch.Tensor]]:
