@@ -168,16 +168,17 @@ def measure_recipe(recipe: Recipe, console: Console, steps: int = 2, require_cud
                    inspect: Callable[[Any], dict] | None = None) -> tuple[Measurement, Estimate]:
     """Run `steps` training steps of the recipe's heaviest micro-batches and measure memory at each phase.
 
-    The same code as `qlora train` (load_model, SFTTrainer, adapters cast to the recipe's dtype); the estimate
-    returned is for exactly what ran. `require_cuda=False` runs on the CPU (memory figures 0), for tests of the
-    validation script. `inspect(trainer)`, called after the measurement, may add diagnostics.
+    The same code as `qlora train` (load_model, SFTTrainer, adapters cast to the recipe's dtype, layers compiled
+    where the recipe says so); the estimate returned is for exactly what ran. `require_cuda=False` runs on the CPU
+    (memory figures 0), for tests of the validation script. `inspect(trainer)`, called after the measurement, may
+    add diagnostics.
     """
     import torch
 
     from .. import data as datamod
     from ..model import detect_device, load_model, load_tokenizer, lora_config, resolve_precision
     from ..run_dir import RunDir
-    from .train import build_sft_config, set_adapter_dtype, trainer_columns
+    from .train import build_sft_config, finish_trainer_model, trainer_columns
 
     cuda = torch.cuda.is_available()
     if require_cuda and not cuda:
@@ -232,7 +233,7 @@ def measure_recipe(recipe: Recipe, console: Console, steps: int = 2, require_cud
             processing_class=tokenizer,
             peft_config=lora_config(recipe.lora),
         )
-        set_adapter_dtype(trainer.model, recipe.lora.adapter_dtype)
+        finish_trainer_model(trainer.model, recipe, device)
         after_lora = allocated()
         trainer.train()
         outside_after = peak_allocated = peak_reserved = 0

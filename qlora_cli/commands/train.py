@@ -163,6 +163,13 @@ def set_adapter_dtype(model: Any, dtype_name: str) -> None:
             p.data = p.data.to(dtype)
 
 
+def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
+    """What the trainer's (PEFT-wrapped) model gets before training: adapters in the recipe's dtype, and the
+    decoder layers compiled where `training.compile_layers` says so; returns how many layers were compiled."""
+    set_adapter_dtype(model, recipe.lora.adapter_dtype)
+    return compile_layers(model) if resolve_compile(recipe, device) else 0
+
+
 def trainer_columns(ds: Any, fmt: str) -> Any:
     """Only what SFTTrainer needs: token ids and the loss mask."""
     return ds.select_columns(["input_ids", datamod.mask_key(fmt)])
@@ -432,15 +439,14 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     )
     trainer.checkpoint_estimate, trainer.adapter_dtype = need, recipe.lora.adapter_dtype
     trainer.remove_callback(PrinterCallback)  # our progress callback reports the logs
-    set_adapter_dtype(trainer.model, recipe.lora.adapter_dtype)
+    compiled = finish_trainer_model(trainer.model, recipe, device)
     total, trainable = count_parameters(trainer.model)
     console.print(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters; "
                   f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
                   f" x {args.world_size} sequences of up to {recipe.data.max_length} tokens")
-    if resolve_compile(recipe, device):
-        n = compile_layers(trainer.model)
-        console.print(f"Compiling {n} decoder layers with torch.compile (training.compile_layers); the first steps "
-                      "are slower while it compiles")
+    if compiled:
+        console.print(f"Compiling {compiled} decoder layers with torch.compile (training.compile_layers); the first "
+                      "steps are slower while it compiles")
     t1 = time.perf_counter()
     with stop_signal:
         try:
