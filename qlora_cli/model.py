@@ -57,20 +57,26 @@ class Device:
         return self.type == "cuda"
 
 
-def detect_device(training: TrainingConfig) -> Device:
-    """The visible CUDA GPU, or the CPU when the recipe allows it; a clear error otherwise."""
+def visible_device() -> Device:
+    """The visible CUDA GPU, else the CPU."""
     import torch
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return Device("cuda", props.name, props.total_memory, torch.cuda.is_bf16_supported())
-    if not training.allow_cpu:
+    return Device("cpu", "CPU", None, True)
+
+
+def detect_device(training: TrainingConfig) -> Device:
+    """The visible CUDA GPU, or the CPU when the recipe allows it; a clear error otherwise."""
+    device = visible_device()
+    if not device.is_cuda and not training.allow_cpu:
         raise UserError(
             "no CUDA GPU is visible, and 4-bit QLoRA training needs one",
             where="training.allow_cpu",
             fix="Run on a machine with an NVIDIA GPU, or set training.allow_cpu: true for tiny models and tests",
         )
-    return Device("cpu", "CPU", None, True)
+    return device
 
 
 def resolve_precision(training: TrainingConfig, device: Device) -> str:
@@ -225,7 +231,6 @@ def compile_layers(model: torch.nn.Module, **compile_kwargs: Any) -> int:
     recompile (torch's default).
     """
     layers = decoder_layers(model)
-    keep_4bit_training_layout(model)  # the layout the graphs are compiled against
     for layer in layers:
         layer.compile(**compile_kwargs)
     return len(layers)

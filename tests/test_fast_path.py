@@ -123,7 +123,6 @@ def test_packed_examples_do_not_attend_to_each_other(examples, tiny_model_dir: P
 # `training.compile_layers` (on by default for CUDA training) runs each decoder layer through torch.compile.
 
 
-
 def compile_backend() -> str:
     """inductor (what training uses) where it can build kernels; without a C compiler on a CPU-only machine,
     aot_eager still traces the layers and their backward through dynamo and AOT autograd."""

@@ -227,17 +227,10 @@ def load_adapter_model(target: Target) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ..model import Device, bnb_config, compute_dtype, resolve_model_path, resolve_precision
+    from ..model import bnb_config, compute_dtype, resolve_model_path, resolve_precision, visible_device
 
     check_adapter_base(target)
-    device = _device()
-    if device == "cuda":
-        import torch
-
-        props = torch.cuda.get_device_properties(0)
-        dev = Device("cuda", props.name, props.total_memory, torch.cuda.is_bf16_supported())
-    else:
-        dev = Device("cpu", "CPU", None, True)
+    dev = visible_device()
     precision = resolve_precision(target.recipe.training, dev)
     attention = target.base.attn_implementation
     attention = "sdpa" if attention == "auto" else attention  # `auto` picks a kernel for packed training only
@@ -245,7 +238,7 @@ def load_adapter_model(target: Target) -> Any:
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(target.base), dtype=dtype, quantization_config=bnb_config(target.recipe.quantization, dtype),
         attn_implementation=attention, revision=target.base.revision,
-        trust_remote_code=target.base.trust_remote_code, device_map={"": 0 if device == "cuda" else "cpu"},
+        trust_remote_code=target.base.trust_remote_code, device_map={"": 0 if dev.is_cuda else "cpu"},
     )
     model = PeftModel.from_pretrained(model, str(target.path))
     model.eval()

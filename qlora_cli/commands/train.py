@@ -452,7 +452,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         except Exception as e:
-            if type(e).__module__.startswith("torch._dynamo") or type(e).__module__.startswith("torch._inductor"):
+            if type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise UserError(f"torch.compile failed on the decoder layers ({type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[0][:300]})", where="training.compile_layers",
                                 fix="Set `training.compile_layers: false` to train with eager layers") from e
