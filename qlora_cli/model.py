@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
+from .gguf_base import ensure_hf_folder, gguf_config, gguf_tokenizer, is_gguf
 from .recipe import LoraSection, ModelConfig, QuantizationConfig, Recipe, TrainingConfig
 from .tiny import TINY_MODEL_ID, ensure_tiny_model
 
@@ -155,9 +156,12 @@ def lora_config(lora: LoraSection) -> LoraConfig:
 
 
 def resolve_model_path(model: ModelConfig) -> str:
-    """The directory or hub id that from_pretrained receives (the tiny model is made on first use)."""
+    """The directory or hub id that from_pretrained receives: the tiny model is made on first use, and a GGUF file
+    is dequantized once into a cached Hugging Face folder (qlora_cli/gguf_base.py)."""
     if model.name_or_path == TINY_MODEL_ID:
         return str(ensure_tiny_model())
+    if is_gguf(model.name_or_path):
+        return str(ensure_hf_folder(model.name_or_path))
     return model.name_or_path
 
 
@@ -169,6 +173,8 @@ def load_config(model: ModelConfig) -> PretrainedConfig:
     local = Path(name)
     if name == TINY_MODEL_ID:  # made on first use; its vocabulary is what the trained tokenizer holds
         return AutoConfig.from_pretrained(ensure_tiny_model())
+    if is_gguf(name):  # the file's header; no weights are dequantized
+        return gguf_config(name)
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise UserError(f"model directory {name!r} has no config.json", where="model.name_or_path",
@@ -261,12 +267,16 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token guaranteed (the EOS token is reused when there is none)."""
     from transformers import AutoTokenizer
 
-    source = model.tokenizer or resolve_model_path(model)
-    offline = not Path(source).is_dir() and not hub_reachable()
+    source = model.tokenizer or model.name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=model.revision, trust_remote_code=model.trust_remote_code, local_files_only=offline
-        )
+        if is_gguf(source):  # read from the file (or its cached folder) without dequantizing the weights
+            tokenizer = gguf_tokenizer(source)
+        else:
+            source = source if model.tokenizer else resolve_model_path(model)
+            offline = not Path(source).is_dir() and not hub_reachable()
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, revision=model.revision, trust_remote_code=model.trust_remote_code, local_files_only=offline
+            )
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot load the tokenizer from {source!r} ({str(e).splitlines()[0]})",
