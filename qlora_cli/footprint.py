@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .model import liger_installed
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -234,6 +233,8 @@ class RunSettings:
     act_bytes: int = 2
     full_logits: bool = False
     liger: bool = False  # Liger's RMSNorm, SwiGLU and RoPE kernels (training.use_liger_kernel)
+    compiled: bool = False  # decoder layers compiled with torch.compile (training.compile_layers)
+    flex: bool = False  # flex attention (packed rows on CUDA): no mask tensors, key/value heads not repeated
     padding: bool = True  # batches may hold sequences of different lengths, so an attention mask is needed
     packing: bool = False
     seq_len_source: str = "data.max_length"
@@ -245,8 +246,17 @@ class RunSettings:
         return self.micro_batch * self.seq_len
 
 
-def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None) -> RunSettings:
-    """The recipe's memory-relevant settings; with `prepared` data, the longest batch the data can make."""
+def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
+                         hidden_size: int | None = None) -> RunSettings:
+    """The recipe's memory-relevant settings; with `prepared` data, the longest batch the data can make.
+
+    Compiled layers, Liger's kernels and flex attention are decided as `qlora train` decides them on a CUDA GPU,
+    with liger-kernel installed there (the `gpu` extra), wherever the estimate runs: a laptop and the GPU machine
+    give the same estimate.
+    """
+    from .commands.train import uses_liger
+    from .model import Device, resolve_attention, resolve_compile
+
     t, lora, data = recipe.training, recipe.lora, recipe.data
     seq_len, source, padding = data.max_length, "data.max_length", t.per_device_train_batch_size > 1
     if prepared is not None and prepared.train_stats.lengths and not data.packing:
@@ -258,11 +268,12 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None) -
         padding = False
     targets = LINEAR_NAMES if lora.target_modules == "all-linear" else (
         (lora.target_modules,) if isinstance(lora.target_modules, str) else tuple(lora.target_modules))
-    # Liger's kernels run when the recipe asks for them, liger-kernel is installed (as `qlora train` decides;
-    # here, on the machine that estimates) and the layers are not compiled (on a GPU `auto` compiles them). TRL
-    # 1.16 keeps its own chunked loss head either way; only label smoothing makes it build the full logits.
-    liger = (bool(getattr(t, "use_liger_kernel", False) or t.sft_args.get("use_liger_kernel"))
-             and liger_installed() and getattr(t, "compile_layers", False) is False)
+    gpu = Device("cuda", "target GPU", None, True)
+    compiled = resolve_compile(recipe, gpu, hidden_size) and recipe.distributed.strategy != "fsdp"
+    liger = uses_liger(recipe, gpu, installed=True, compiled=compiled)
+    if "use_liger_kernel" in t.sft_args:  # passed to SFTConfig after the recipe's own choice
+        liger = bool(t.sft_args["use_liger_kernel"])
+    # TRL 1.16 keeps its own chunked loss head with or without Liger; only label smoothing builds the full logits.
     label_smoothing = float(t.sft_args.get("label_smoothing_factor") or 0) > 0
     return RunSettings(
         micro_batch=t.per_device_train_batch_size,
@@ -281,6 +292,8 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None) -
         act_bytes=4 if t.precision == "fp32" else 2,
         full_logits=label_smoothing,
         liger=liger,
+        compiled=compiled,
+        flex=resolve_attention(recipe, gpu) == "flex_attention",
         padding=padding,
         packing=data.packing,
         seq_len_source=source,
@@ -460,15 +473,17 @@ def layer_activation_bytes(arch: Architecture, s: RunSettings) -> tuple[int, lis
     parts.append(("attention q, k, v, output, lse", b * (2 * arch.q_dim + 2 * kv) + 4 * arch.heads))
     if masked:
         parts.append(("mask bias", 2 * s.seq_len * (s.micro_batch if s.packing else 1)))
-    parts.append(("MLP gate, up" if s.liger else "MLP gate, SiLU, up", (2 if s.liger else 3) * b * i))
+    fused_mlp = s.liger or s.compiled  # compiled layers recompute SiLU from the gate in backward, as Liger does
+    parts.append(("MLP gate, up" if fused_mlp else "MLP gate, SiLU, up", (2 if fused_mlp else 3) * b * i))
     lora_inputs = 0
-    if s.lora_dropout:
-        lora_inputs = sum((1 + b) * arch.linears[name][0] for name in targets)
+    if s.lora_dropout:  # compiled layers regenerate the dropout masks from the RNG seed instead of keeping them
+        lora_inputs = sum((b if s.compiled else 1 + b) * arch.linears[name][0] for name in targets)
     else:
         lora_inputs += b * h if targets & {"q_proj", "k_proj", "v_proj"} else 0
         lora_inputs += b * h if targets & {"gate_proj", "up_proj"} else 0
         lora_inputs += b * i if "down_proj" in targets else 0  # the MLP product; o_proj's input SDPA keeps anyway
-    parts.append((f"LoRA inputs{' (dropout copies + masks)' if s.lora_dropout else ''}", lora_inputs))
+    dropped = " (dropout copies)" if s.compiled else " (dropout copies + masks)"
+    parts.append((f"LoRA inputs{dropped if s.lora_dropout else ''}", lora_inputs))
     parts.append(("LoRA rank-r outputs", b * s.lora_r * len(targets)))
     if s.use_dora:
         parts.append(("DoRA base and LoRA outputs", 2 * b * sum(arch.linears[n][1] for n in targets)))
@@ -481,6 +496,8 @@ def attention_mask_elements(arch: Architecture, s: RunSettings) -> int:
     A mask is needed when a batch has padding, when packed sequences must not see each other (the packed batch
     is one row of micro_batch x seq_len tokens), or when a sliding window is not longer than the sequence.
     """
+    if s.flex:
+        return 0  # flex attention takes a block mask of a few bytes per 128 x 128 block
     if s.packing:
         return s.tokens**2
     window = arch.sliding_window is not None and s.seq_len >= arch.sliding_window
@@ -607,10 +624,12 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
 
     if not arch.exact_layout:
         notes.append(f"{arch.model_type}: layout assumed Llama-like (q/k/v/o + gated MLP); activations are rough")
-    if s.packing:
-        notes.append("packing: modelled as SDPA masking the flattened micro-batch (tokens x tokens); flex "
-                      "attention (the CUDA default for packed runs) needs less: one Mistral-7B check measured "
-                      "5% below this estimate")
+    if s.packing and not s.flex:
+        notes.append("packing without flex attention: modelled as SDPA masking the flattened micro-batch "
+                     "(tokens x tokens)")
+    if s.compiled:
+        notes.append("compiled layers (training.compile_layers): SiLU and the LoRA dropout masks are recomputed in "
+                     "backward, not kept")
     if s.use_dora:
         notes.append("DoRA: activation terms are rough")
     if s.act_bytes == 4:
@@ -662,7 +681,7 @@ def estimate_for_recipe(recipe: Recipe, prepared: PreparedData | None = None, pr
     from .model import load_config
 
     arch = Architecture.from_config(load_config(recipe.model))
-    settings = dataclasses.replace(settings_from_recipe(recipe, prepared), processes=processes,
+    settings = dataclasses.replace(settings_from_recipe(recipe, prepared, arch.hidden), processes=processes,
                                    fsdp=recipe.distributed.strategy == "fsdp")
     check_targets(arch, settings)
     return estimate(arch, settings, recipe.model.name_or_path)

@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,15 +108,20 @@ def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str
         **eval_args,
         ddp_find_unused_parameters=False,  # every LoRA weight is used in every step
         **distributed_args(recipe),
-        **{**packed_shape_args(recipe, device), **t.sft_args},
+        **{**shape_args(recipe, device), **t.sft_args},
     )
 
 
-def uses_liger(recipe: Recipe, device: Device) -> bool:
+def uses_liger(recipe: Recipe, device: Device, installed: bool | None = None, compiled: bool | None = None) -> bool:
     """Liger's layer kernels, on CUDA when installed and the layers are not compiled (compiling fuses the same
-    norms, activations and RoPE itself, and Liger's kernels would split the compiled graphs)."""
-    return (recipe.training.use_liger_kernel and device.is_cuda and liger_installed()
-            and not resolve_compile(recipe, device))
+    norms, activations and RoPE itself, and Liger's kernels would split the compiled graphs).
+
+    `installed`: whether liger-kernel is installed where the run trains (default: here); `compiled`: whether the
+    layers are compiled (default: `resolve_compile`). `qlora footprint` passes both for the target GPU.
+    """
+    installed = liger_installed() if installed is None else installed
+    compiled = resolve_compile(recipe, device) if compiled is None else compiled
+    return bool(recipe.training.use_liger_kernel and device.is_cuda and installed and not compiled)
 
 
 def distributed_args(recipe: Recipe) -> dict[str, Any]:
@@ -141,15 +147,20 @@ def distributed_args(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def packed_shape_args(recipe: Recipe, device: Device) -> dict[str, Any]:
-    """Packed rows padded to a multiple of min(1024, max_length) tokens when flex attention runs them.
+def shape_args(recipe: Recipe, device: Device) -> dict[str, Any]:
+    """Packed rows padded to one length, micro-batch x max_length tokens, when flex attention or compiled layers
+    run them: one shape per run, so nothing is compiled again after the first step.
 
-    Flex attention is compiled per row length; without bucketing, nearly every step has a new length and
-    recompiles (measured: 4,585 -> 5,427 tokens/s on Mistral-7B, docs/performance.md). Padding tokens carry no
-    loss and are not counted as trained tokens. Override with training.sft_args.pad_to_multiple_of.
+    Flex attention and the compiled layers are specialised to the row length. Best-fit packing fills nearly every
+    row (the bench data: ~8,000 of 8,192 tokens), so the padding costs little; only a short last row pays. The
+    old bucketing (multiples of 1,024) still recompiled: a 7,168-token batch at step 32 of a Llama-3-8B run
+    stalled it for 30 s (issue #14). Padding tokens carry no loss and are not counted as trained tokens.
+    Unpacked batches are not padded: their layers are compiled for any length (`finish_trainer_model`).
+    Override with training.sft_args.pad_to_multiple_of.
     """
-    if recipe.data.packing and resolve_attention(recipe, device) == "flex_attention":
-        return {"pad_to_multiple_of": min(1024, recipe.data.max_length)}
+    packed_shape = resolve_attention(recipe, device) == "flex_attention" or resolve_compile(recipe, device)
+    if recipe.data.packing and packed_shape:
+        return {"pad_to_multiple_of": recipe.training.per_device_train_batch_size * recipe.data.max_length}
     return {}
 
 
@@ -165,9 +176,48 @@ def set_adapter_dtype(model: Any, dtype_name: str) -> None:
 
 def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
     """What the trainer's (PEFT-wrapped) model gets before training: adapters in the recipe's dtype, and the
-    decoder layers compiled where `training.compile_layers` says so; returns how many layers were compiled."""
+    decoder layers compiled where `training.compile_layers` says so; returns how many layers were compiled.
+
+    Packed rows have one length (`shape_args`), so the layers are compiled for it; unpacked batches vary in
+    length, so the layers are compiled for any length from the start (one compile instead of a static one and
+    a dynamic recompile at the second length).
+    """
     set_adapter_dtype(model, recipe.lora.adapter_dtype)
-    return compile_layers(model) if resolve_compile(recipe, device) else 0
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not resolve_compile(recipe, device, hidden):
+        return 0
+    return compile_layers(model, dynamic=None if recipe.data.packing else True)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's count, recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def no_recompile_callback() -> TrainerCallback:
+    """After the first optimizer step, a training step whose inputs would need another compile runs the layers
+    eagerly instead (`torch.compiler.set_stance("eager_on_recompile")`): an odd shape costs one slower step, never
+    a compile stall. Evaluation, between steps, keeps the default stance: its no-grad graphs compile once."""
+    import torch
+    from transformers import TrainerCallback
+
+    class NoRecompile(TrainerCallback):
+        steps = 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.steps:
+                torch.compiler.set_stance("eager_on_recompile")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.compiler.set_stance("default")
+            self.steps += 1
+
+        def on_train_end(self, args, state, control, **kwargs):
+            torch.compiler.set_stance("default")
+
+    return NoRecompile()
 
 
 def trainer_columns(ds: Any, fmt: str) -> Any:
@@ -195,23 +245,69 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+@dataclass
+class StepClock:
+    """Training wall time split three ways, one optimizer step at a time (the time between two step ends):
+
+    - warm-up: the first step, and any step during which torch.compile compiled a graph;
+    - evaluation and saving: a step interval in which an evaluation or a checkpoint save ran;
+    - steady: every other step. Steady tokens/s = tokens of steady steps / their time: the rate the run
+      settles at, which compile time does not dilute.
+
+    The token count is read each micro-batch with `.item()` (TRL's non-padding count), which waits for the GPU,
+    so step times on the host are GPU step times.
+    """
+
+    warmup_s: float = 0.0
+    warmup_steps: int = 0
+    other_s: float = 0.0
+    steady_s: float = 0.0
+    steady_steps: int = 0
+    steady_tokens: int = 0
+    compiles: int = 0
+
+    def add(self, seconds: float, tokens: int, compiled: int, first: bool, eval_or_save: bool) -> str:
+        """Account one step interval; returns its kind: warm-up, other or steady."""
+        self.compiles += compiled
+        if first or (compiled and not eval_or_save):
+            self.warmup_s += seconds
+            self.warmup_steps += 1
+            return "warm-up"
+        if eval_or_save:
+            self.other_s += seconds
+            return "other"
+        self.steady_s += seconds
+        self.steady_steps += 1
+        self.steady_tokens += tokens
+        return "steady"
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.steady_tokens / self.steady_s if self.steady_s > 0 else None
+
+
 def make_progress_callback(run: RunDir, device: Device, console: Console) -> TrainerCallback:
     from transformers import TrainerCallback
 
     class RichProgress(TrainerCallback):
-        """Rich progress bar with loss, learning rate, tokens/s and peak memory; logs go to metrics.jsonl."""
+        """Rich progress bar with loss, learning rate, steady tokens/s and peak memory; logs go to metrics.jsonl."""
 
         def __init__(self) -> None:
             self.progress: Progress | None = None
             self.task = None
-            self.last: tuple[float, int] | None = None
             self.start = time.perf_counter()
+            self.clock = StepClock()
+            self.window = (0, 0.0)  # steady tokens and seconds since the last log
             self.train_logs: list[dict] = []
             self.eval_logs: list[dict] = []
 
+        def _mark(self, state) -> None:
+            self.last = (time.perf_counter(), state.num_input_tokens_seen, _compiled_graphs_or_0())
+
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
-            self.last = (self.start, state.num_input_tokens_seen)  # not 0 when resuming
+            self._mark(state)  # tokens are not 0 when resuming
+            self.first, self.eval_or_save = True, False
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
                 TimeRemainingColumn(), console=console, transient=False,
@@ -220,8 +316,22 @@ def make_progress_callback(run: RunDir, device: Device, console: Console) -> Tra
             self.task = self.progress.add_task("train", total=state.max_steps, stats="")
 
         def on_step_end(self, args, state, control, **kwargs):
+            (t0, tokens0, graphs0), now = self.last, time.perf_counter()
+            tokens = state.num_input_tokens_seen - tokens0
+            kind = self.clock.add(now - t0, tokens, _compiled_graphs_or_0() - graphs0, self.first,
+                                  self.eval_or_save)
+            if kind == "steady":
+                self.window = (self.window[0] + tokens, self.window[1] + now - t0)
+            self.first = self.eval_or_save = False
+            self._mark(state)
             if self.progress is not None:
                 self.progress.update(self.task, completed=state.global_step)
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.eval_or_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.eval_or_save = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero:  # rank 0 writes metrics.jsonl
@@ -233,19 +343,23 @@ def make_progress_callback(run: RunDir, device: Device, console: Console) -> Tra
             record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
             peak, _ = _memory(device)
             record["peak_memory_bytes"] = peak
-            if "loss" in logs and "num_input_tokens_seen" in logs and self.last is not None:
-                tokens = logs["num_input_tokens_seen"]
-                dt = now - self.last[0]
-                record["tokens_per_s"] = (tokens - self.last[1]) / dt if dt > 0 else 0.0
-                self.last = (now, tokens)
+            if "loss" in logs:
+                tokens, seconds = self.window
+                record["tokens_per_s"] = round(tokens / seconds, 1) if seconds > 0 else None  # steady steps only
+                record["warmup_s"] = round(self.clock.warmup_s, 2)
+                self.window = (0, 0.0)
             append_jsonl(run.metrics, record)
             if "eval_loss" in logs:
                 self.eval_logs.append(record)
                 line = f"step {state.global_step:>5}  eval_loss {logs['eval_loss']:.4f}"
             elif "loss" in logs:
                 self.train_logs.append(record)
+                rate = record["tokens_per_s"]
+                speed = f"{rate:,.0f} tok/s" if rate is not None else "warming up"
+                if self.clock.warmup_s:
+                    speed += f" (warm-up {self.clock.warmup_s:.0f} s, {self.clock.compiles} compiles)"
                 line = (f"step {state.global_step:>5}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}"
-                        f"  {record.get('tokens_per_s', 0):,.0f} tok/s  peak {fmt_bytes(peak)}")
+                        f"  {speed}  peak {fmt_bytes(peak)}")
                 if self.progress is not None:
                     self.progress.update(self.task, stats=line.split("  ", 1)[1])
             else:
@@ -259,6 +373,13 @@ def make_progress_callback(run: RunDir, device: Device, console: Console) -> Tra
                 self.progress = None
 
     return RichProgress()
+
+
+def _compiled_graphs_or_0() -> int:
+    try:
+        return compiled_graphs()
+    except ImportError:
+        return 0
 
 
 # ---------------------------------------------------------------------------------------------- dry run
@@ -435,7 +556,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         eval_dataset=trainer_columns(prepared.eval, prepared.format) if prepared.eval is not None else None,
         processing_class=tokenizer,
         peft_config=lora_config(recipe.lora),
-        callbacks=[progress, stop_nan.callback, stop_signal.callback, *(callbacks or [])],
+        callbacks=[progress, stop_nan.callback, stop_signal.callback, no_recompile_callback(), *(callbacks or [])],
     )
     trainer.checkpoint_estimate, trainer.adapter_dtype = need, recipe.lora.adapter_dtype
     trainer.remove_callback(PrinterCallback)  # our progress callback reports the logs
@@ -458,6 +579,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
                                 fix="Set `training.compile_layers: false` to train with eager layers") from e
             raise
         finally:
+            torch.compiler.set_stance("default")  # an error skipped on_step_end
             if progress.progress is not None:  # an error skipped on_train_end: stop the live display
                 progress.progress.stop()
     train_s = time.perf_counter() - t1
@@ -483,6 +605,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         tokenizer.save_pretrained(tmp)
 
     peak, label = _memory(device)
+    clock = progress.clock
     tokens = trainer.state.num_input_tokens_seen
     session_tokens = tokens - getattr(trainer, "_initial_num_input_tokens_seen", 0)  # a resumed run counts on
     summary: dict[str, Any] = {
@@ -492,10 +615,16 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         "precision": precision,
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0, 4),
-        "train_time_s": round(train_s, 2),
+        "train_time_s": round(train_s, 2),  # all of it: warm-up, steady steps, evaluation and saving
         "load_time_s": round(load_s, 2),
         "tokens": tokens,
-        "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
+        "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,  # over train_time_s
+        "steady_tokens_per_s": round(clock.tokens_per_s, 1) if clock.tokens_per_s else None,
+        "steady_steps": clock.steady_steps,
+        "warmup_s": round(clock.warmup_s, 2),
+        "warmup_steps": clock.warmup_steps,
+        "eval_save_s": round(clock.other_s, 2),
+        "compiles": clock.compiles,
         f"peak_{label.lower()}_bytes": peak,
         "trainable_parameters": trainable,
         "world_size": args.world_size,
@@ -503,6 +632,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         "train_loss": round(result.training_loss, 6),
         "final_train_loss": progress.train_logs[-1]["loss"] if progress.train_logs else None,
         "first_eval_loss": progress.eval_logs[0]["eval_loss"] if progress.eval_logs else None,
+        "first_eval_step": progress.eval_logs[0]["step"] if progress.eval_logs else None,
         "final_eval_loss": final_eval.get("eval_loss"),
     }
     if checkpoint is not None:
@@ -591,18 +721,34 @@ def print_summary(summary: dict[str, Any], run: RunDir, console: Console) -> Non
     table.add_column("what")
     table.add_column("value", justify="right")
     peak = summary.get("peak_gpu_bytes") or summary.get("peak_rss_bytes")
+    steady = summary.get("steady_tokens_per_s")
+    warmup = f"{summary.get('warmup_s', 0):.1f} s in {summary.get('warmup_steps', 0)} step(s)"
+    if summary.get("compiles"):
+        warmup += f", {summary['compiles']} compiled graphs"
     rows = [
         ("steps", f"{summary['steps']:,}"),
-        ("train time", f"{summary['train_time_s']:.1f} s"),
-        ("tokens/s", f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "-"),
+        ("train time (all)", f"{summary['train_time_s']:.1f} s"),
+        ("tokens/s, steady", f"{steady:,.0f} ({summary['steady_steps']} steps)" if steady else "-"),
+        ("warm-up (first step, compiling)", warmup),
+        ("tokens/s over the train time", f"{summary['tokens_per_s']:,.0f}" if summary["tokens_per_s"] else "-"),
         ("peak GPU memory (allocated)" if "peak_gpu_bytes" in summary else "peak process RSS", fmt_bytes(peak)),
         ("final train loss", _num(summary["final_train_loss"])),
-        ("eval loss (start -> end)", f"{_num(summary['first_eval_loss'])} -> {_num(summary['final_eval_loss'])}"),
+        eval_loss_row(summary),
     ]
     for what, value in rows:
         table.add_row(what, value)
     console.print(table)
     console.print(f"Adapter: {run.adapter}   next: qlora eval {run.path}   |   qlora merge {run.path} --out DIR")
+
+
+def eval_loss_row(summary: dict[str, Any]) -> tuple[str, str]:
+    """`eval loss (start -> end)` only when an evaluation ran before the first step; otherwise it names the step
+    of the first evaluation."""
+    first, end, step = summary.get("first_eval_loss"), summary.get("final_eval_loss"), summary.get("first_eval_step")
+    if first is None:
+        return "eval loss (end)", _num(end)
+    label = "eval loss (start -> end)" if step == 0 else f"eval loss (first at step {step} -> end)"
+    return label, f"{_num(first)} -> {_num(end)}"
 
 
 def _num(x: float | None) -> str:
