@@ -9,7 +9,9 @@ The path of a row:
 4. **tokenize**: `input_ids` plus the mask of tokens that carry loss (`completion_mask` for prompts, or
    `assistant_masks` for chat, found by rendering the chat template turn by turn, so it works with any template).
 
-TRL's SFTTrainer takes it from there: it turns masks into labels, truncates to `max_length` or packs.
+5. **fit**: examples longer than `max_length` lose the oldest prompt tokens, never the completion they teach.
+
+TRL's SFTTrainer takes it from there: it turns masks into labels and pads or packs.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class SplitStats:
 
     rows: int = 0
     skipped: int = 0
-    truncated: int = 0
+    truncated: int = 0  # examples longer than max_length (cut by fit_to_length)
+    completion_cut: int = 0  # of those, examples whose answer itself had to be cut
     loss_tokens: int = 0
     lengths: list[int] = field(default_factory=list, repr=False)
 
@@ -291,7 +294,7 @@ def tokenize_row(fmt: str, row: dict[str, Any], tokenizer: PreTrainedTokenizerBa
             if m["role"] == "assistant":
                 start = len(_chat_text(tokenizer, row["messages"][:i], generation_prompt=True))
                 end = len(_chat_text(tokenizer, row["messages"][: i + 1]))
-                spans.append((start, end))
+                spans.append(_assistant_span(text, start, end, m["content"], tokenizer))
         mask = [int(any(s <= a < e for s, e in spans)) for a, _ in encoded["offset_mapping"]]
         return {"input_ids": encoded["input_ids"], "assistant_masks": mask}
     prompt_ids = tokenizer(row["prompt"])["input_ids"]
@@ -302,6 +305,60 @@ def tokenize_row(fmt: str, row: dict[str, Any], tokenizer: PreTrainedTokenizerBa
             break
         common += 1
     return {"input_ids": ids, "completion_mask": [0] * common + [1] * (len(ids) - common)}
+
+
+def _assistant_span(text: str, start: int, end: int, content: str, tokenizer: PreTrainedTokenizerBase
+                    ) -> tuple[int, int]:
+    """Character span of one assistant turn's loss: its content and the end-of-turn token that follows it.
+
+    `text[start:end]` is what the chat template adds for the turn (e.g. ChatML's `Paris<|im_end|>\n`). The model
+    must learn the content and the token that ends the turn (so that generation stops), not the template's
+    whitespace after it. When the content cannot be found verbatim (a template that rewrites it), the whole
+    rendered turn carries loss.
+    """
+    body = content.strip()
+    found = text.find(body, start, end) if body else -1
+    if found < 0:
+        return start, end
+    content_end = found + len(body)
+    ends = [t for t in dict.fromkeys([tokenizer.eos_token, *tokenizer.all_special_tokens]) if t]
+    tail = text[content_end:end]
+    hits = [(tail.find(t), t) for t in ends if tail.find(t) >= 0 and not tail[: tail.find(t)].strip()]
+    if hits:
+        offset, token = min(hits, key=lambda h: (h[0], -len(h[1])))
+        return start, content_end + offset + len(token)
+    return start, content_end
+
+
+def fit_to_length(fmt: str, ids: list[int], mask: list[int], max_length: int, bos_id: int | None
+                  ) -> tuple[list[int], list[int], bool]:
+    """Cut an example to `max_length` tokens without losing what it teaches; returns (ids, mask, completion_cut).
+
+    Prompt-completion and chat examples lose their oldest tokens first (a leading BOS stays), so the completion or
+    last assistant turn is kept whole. A completion that alone is longer than `max_length` keeps the last
+    `max_length // 2` prompt tokens and as much of its start as fits. Plain text is cut at the end.
+    """
+    if len(ids) <= max_length:
+        return ids, mask, False
+    if fmt == "text":
+        return ids[:max_length], mask[:max_length], False
+    keep_bos = bos_id is not None and ids[0] == bos_id and mask[0] == 0
+    head = [ids[0]] if keep_bos else []
+    head_mask = [0] if keep_bos else []
+    budget = max_length - len(head)
+    first_loss = mask.index(1) if 1 in mask else len(mask)
+    if fmt == "prompt_completion" or fmt == "alpaca":
+        completion = len(ids) - first_loss
+        if completion <= budget:
+            return head + ids[len(ids) - budget:], head_mask + mask[len(mask) - budget:], False
+        prompt_keep = min(first_loss - len(head), budget // 2)
+        start = first_loss - prompt_keep
+        stop = first_loss + budget - prompt_keep
+        return head + ids[start:stop], head_mask + mask[start:stop], True
+    cut_ids, cut_mask = head + ids[len(ids) - budget:], head_mask + mask[len(mask) - budget:]
+    if any(cut_mask):
+        return cut_ids, cut_mask, False
+    return ids[:max_length], mask[:max_length], True  # the only assistant turns are early: keep the start
 
 
 def mask_key(fmt: str) -> str:
@@ -316,21 +373,29 @@ def tokenize(fmt: str, ds: Dataset, tokenizer: PreTrainedTokenizerBase, max_leng
     if fmt == "chat" and not tokenizer.is_fast:
         raise UserError("chat format needs a fast tokenizer to find assistant tokens", where="model.tokenizer",
                         fix="Use a tokenizer with a tokenizer.json")
-    tokenized = ds.map(lambda row: tokenize_row(fmt, row, tokenizer), desc="Tokenizing")
-    lengths = [len(ids) for ids in tokenized["input_ids"]]
     key = mask_key(fmt)
+    bos_id = tokenizer.bos_token_id
+
+    def encode(row: dict[str, Any]) -> dict[str, Any]:
+        encoded = tokenize_row(fmt, row, tokenizer)
+        length = len(encoded["input_ids"])
+        ids, mask, cut = fit_to_length(fmt, encoded["input_ids"], encoded[key], max_length, bos_id)
+        return {"input_ids": ids, key: mask, "full_length": length, "completion_cut": cut}
+
+    tokenized = ds.map(encode, desc="Tokenizing")
+    lengths = list(tokenized["full_length"])
     masks = tokenized[key]
-    empty = [i for i, m in enumerate(masks) if not any(m[:max_length])]
-    if empty and len(empty) == len(masks):
+    if not any(any(m) for m in masks):
         raise UserError(f"no row has a loss-carrying token within {max_length} tokens",
                         where="data.max_length", fix="Raise data.max_length or shorten the prompts")
     stats = SplitStats(
         rows=len(tokenized),
         truncated=sum(n > max_length for n in lengths),
-        loss_tokens=sum(sum(m[:max_length]) for m in masks),
+        completion_cut=sum(tokenized["completion_cut"]),
+        loss_tokens=sum(sum(m) for m in masks),
         lengths=lengths,
     )
-    return tokenized, stats
+    return tokenized.remove_columns(["full_length", "completion_cut"]), stats
 
 
 # ------------------------------------------------------------------------------------------------ the lot
@@ -388,12 +453,24 @@ def tokenize_rows(rows: FormattedData, tokenizer: PreTrainedTokenizerBase, max_l
         eval_stats.skipped = rows.eval_skipped
     notes = list(rows.notes)
     if train_stats.truncated:
-        notes.append(f"{train_stats.truncated} training example(s) are longer than max_length={max_length} "
-                     "tokens and will be truncated")
+        notes.append(truncation_note(train_stats, rows.format, max_length, "training"))
     note = getattr(tokenizer, "qlora_note", None)
     if note:
         notes.append(note)
     return PreparedData(rows.format, train, eval_ds, train_stats, eval_stats, notes)
+
+
+def truncation_note(stats: SplitStats, fmt: str, max_length: int, split: str) -> str:
+    """What happened to the examples longer than max_length."""
+    if fmt == "text":
+        return (f"{stats.truncated} {split} example(s) are longer than max_length={max_length} tokens; "
+                "their ends are cut")
+    note = (f"{stats.truncated} {split} example(s) are longer than max_length={max_length} tokens; their prompts are "
+            "cut from the left so the answer is kept")
+    if stats.completion_cut:
+        note += (f"; {stats.completion_cut} answer(s) do not fit on their own and keep only their start after the "
+                 "last max_length/2 prompt tokens (raise data.max_length to keep them whole)")
+    return note
 
 
 def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 42) -> PreparedData:

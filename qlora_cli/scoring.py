@@ -62,24 +62,43 @@ def score(predictions: list[str], references: list[str], top_confusions: int = 5
                   [(r, p, k) for (r, p), k in pairs.most_common(top_confusions)])
 
 
-def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-             cfg: EvaluationConfig, add_special_tokens: bool = True) -> list[str]:
-    """Greedy answers to `prompts`, in batches, left-padded; special tokens removed."""
+@dataclass
+class Generation:
+    """One greedy answer: its text (special tokens removed), how many tokens it took, and whether the model ended
+    it itself with its end-of-sequence token (rather than running into max_new_tokens)."""
+
+    text: str
+    tokens: int
+    stopped: bool
+
+
+def generate_answers(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                     cfg: EvaluationConfig, add_special_tokens: bool = True) -> list[Generation]:
+    """Greedy answers to `prompts`, in batches, left-padded."""
     import torch
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    answers: list[str] = []
+    eos = tokenizer.eos_token_id
+    answers: list[Generation] = []
     try:
         for i in range(0, len(prompts), cfg.batch_size):
             batch = tokenizer(prompts[i:i + cfg.batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=add_special_tokens).to(device)
             with torch.no_grad():
                 out = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = out[:, batch["input_ids"].shape[1]:]
-            answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+            for ids in out[:, batch["input_ids"].shape[1]:].tolist():
+                ends = [j for j, t in enumerate(ids) if t == eos]
+                kept = ids[: ends[0] + 1] if ends else ids
+                answers.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept), bool(ends)))
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+             cfg: EvaluationConfig, add_special_tokens: bool = True) -> list[str]:
+    """Greedy answers to `prompts` as text, special tokens removed."""
+    return [g.text for g in generate_answers(model, tokenizer, prompts, cfg, add_special_tokens)]

