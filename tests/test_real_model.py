@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import INTENTS, smollm2_gguf
+from conftest import INTENTS, smollm2_gguf, smollm2_recipe
 
 from qlora_cli import data as datamod
 from qlora_cli.errors import UserError
@@ -145,20 +145,33 @@ def test_a_prompt_longer_than_max_length_is_cut_from_the_left_and_keeps_its_labe
 
 def test_padding_with_the_eos_token_does_not_mask_the_eos_that_ends_each_answer(tmp_path: Path,
                                                                                tokenizer) -> None:
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from qlora_cli.commands.train import build_sft_config, trainer_columns
+    from qlora_cli.gguf_base import ensure_hf_folder
+    from qlora_cli.model import visible_device
+    from qlora_cli.run_dir import RunDir
 
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # SmolLM2 pads with <|im_end|>
     rows = [{"prompt": "pay my rent", "completion": " transfer"},
             {"prompt": "what is the exchange rate for yen to dollars today", "completion": " exchange_rate"}]
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepared = datamod.prepare(DataConfig(source=str(src), prompt_template="Request: {prompt}\nIntent:"), tokenizer)
-    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, completion_only_loss=True)
-    batch = collator([prepared.train[i] for i in range(2)])  # what SFTTrainer feeds the model
+    recipe = smollm2_recipe(tmp_path, f"data.source={src}", "data.eval_source=null")
+    prepared = datamod.prepare(recipe.data, tokenizer)
+    # the trainer qlora builds, with the SFTConfig qlora builds: its dataset preparation and its collator
+    model = AutoModelForCausalLM.from_pretrained(ensure_hf_folder(smollm2_gguf()), dtype=torch.bfloat16)
+    args = build_sft_config(recipe, RunDir(tmp_path / "run"), visible_device(), "bf16", has_eval=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=trainer_columns(prepared.train, prepared.format),
+                         processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     for labels, mask in zip(batch["labels"].tolist(), batch["attention_mask"].tolist()):
         real = [t for t, m in zip(labels, mask) if m]
         assert real[-1] == tokenizer.eos_token_id  # the answer's own EOS is learned
         assert all(t == -100 for t, m in zip(labels, mask) if not m)  # padding is not
+        assert tokenizer.decode([t for t in real if t != -100]) in (" transfer<|im_end|>", " exchange_rate<|im_end|>")
 
 
 # ------------------------------------------------------------------------------------------ a real fine-tune
@@ -219,3 +232,26 @@ def test_one_epoch_on_the_cpu_lifts_held_out_accuracy_far_above_the_base(held_ou
     assert tuned_scores.macro_f1 >= 0.5
     _, summary = smollm2_run
     assert summary["steps"] == 40 and summary["final_train_loss"] < 1.0
+
+
+def test_generate_merge_and_eval_take_a_run_on_a_gguf_base(smollm2_run, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from qlora_cli.cli import app
+
+    run, _ = smollm2_run
+    runner = CliRunner()
+    answered = runner.invoke(app, ["generate", str(run.path), "-p", "someone stole my debit card on the bus"])
+    assert answered.exit_code == 0, answered.output
+    assert "card_lost" in answered.output
+
+    merged = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(run.path), "--out", str(merged), "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((merged / "qlora_merge.json").read_text())
+    assert info["base"].endswith(".gguf") and list(merged.glob("*.safetensors"))
+
+    result = runner.invoke(app, ["eval", str(merged), "--limit", "48", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((merged / "eval.json").read_text())
+    assert report["data"]["rows"] == 48 and report["results"]["merged"]["generation"]["accuracy"] >= 0.5
