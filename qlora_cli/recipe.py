@@ -43,7 +43,10 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **checks: Any) -> Any
 class ModelConfig:
     """The base model (arguments of ``AutoModelForCausalLM.from_pretrained``)."""
 
-    name_or_path: str = _f(help="Local directory or hub id of the base model; `qlora/tiny-llama` is built in.")
+    name_or_path: str = _f(
+        help="Local directory, hub id or local .gguf file (dequantized once into a cached folder) of the base "
+        "model; `qlora/tiny-llama` is built in."
+    )
     revision: str | None = _f(None, help="Hub revision (branch, tag or commit) of the model and tokenizer.")
     tokenizer: str | None = _f(None, help="Tokenizer directory or hub id, when not the model's own.")
     attn_implementation: Literal[
@@ -116,7 +119,10 @@ class DataConfig:
     eval_source: str | list[str] | None = _f(None, help="Separate evaluation file(s) or hub id.")
     eval_split: str | None = _f(None, help="Split of `source` (or `eval_source`) to evaluate on.")
     eval_fraction: float = _f(0.0, help="Fraction of the training rows held out for evaluation.", ge=0, lt=1)
-    max_length: int = _f(2048, help="Longest training sequence in tokens; longer examples are truncated.", gt=0)
+    max_length: int = _f(
+        2048, help="Longest training sequence in tokens; longer examples lose prompt tokens from the left (the "
+        "completion is kept), plain text is cut at the end.", gt=0,
+    )
     packing: bool = _f(False, help="Pack several examples into each sequence (TRL best-fit packing).")
     invalid_rows: Literal["skip", "error"] = _f(
         "skip", help="Rows with empty or missing fields: skip them (and count) or stop with an error."
