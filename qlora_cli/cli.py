@@ -215,6 +215,33 @@ def footprint(
                   processes=gpus)
 
 
+@app.command()
+def export(
+    path: Annotated[Path, typer.Argument(help="Run directory, adapter directory or merged model directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write (must not exist).")],
+    format_: Annotated[str, typer.Option("--format", help="gguf (llama.cpp, Ollama, LM Studio) or hf (vLLM, TGI).")
+                       ] = "gguf",
+    quant: Annotated[str, typer.Option(
+        "--quant", help="GGUF type: f16, bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0 (K-quants: llama-quantize).")
+    ] = "f16",
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model directory or hub id; default: the run's recipe.")
+    ] = None,
+    rows: Annotated[int, typer.Option("--rows", help="Held-out rows the GGUF is checked on.")] = 16,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out directory.")] = False,
+) -> None:
+    """Export a fine-tune for deployment: GGUF with an Ollama Modelfile, or merged safetensors for vLLM/TGI.
+
+    A run or adapter is merged first (as qlora merge does). The GGUF is loaded back by transformers and, when
+    llama-cpp-python is installed, by llama.cpp, and compared with the merged model on held-out rows (tokens,
+    logits, greedy answers) before --out appears; a failed check leaves nothing there. docs/deploy.md has the
+    serving commands.
+    """
+    from .commands import export as cmd
+
+    cmd.export(path, out, fmt=format_, quant=quant, base=base, overwrite=overwrite, rows=rows, console=console)
+
+
 def _argv_without_gpus(argv: list[str]) -> list[str]:
     out, skip = [], False
     for a in argv:
