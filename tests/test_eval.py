@@ -70,20 +70,99 @@ def test_results_are_written_to_the_run_directory(report, trained_run) -> None:
 def test_a_labelled_csv_is_formatted_and_scored_like_the_training_data(trained_run, tmp_path) -> None:
     """Intent classification from a `text,category` csv: mapped with data.columns, same prompts, same answers."""
     run, _ = trained_run
-    rows = [json.loads(line) for line in (DEMO_DATA / "eval.jsonl").read_text().splitlines()[:12]]
+    rows = [json.loads(line) for line in (DEMO_DATA / "eval.jsonl").read_text().splitlines()]
     path = tmp_path / "intents.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["text", "category"])
         writer.writerows([r["prompt"], r["completion"].strip()] for r in rows)
     from_csv = evaluate(run.path, data=str(path), overrides=["data.columns={prompt: text, completion: category}"],
-                        console=_console(), write=False)
+                        limit=12, console=_console(), write=False)
     from_jsonl = evaluate(run.path, limit=12, console=_console(), write=False)
-    assert from_csv["references"] == from_jsonl["references"] == [r["completion"].strip() for r in rows]
+    chosen = from_jsonl["data"]["row_numbers"]  # the same answers and seed: the same sample from either file
+    assert from_csv["data"]["row_numbers"] == chosen
+    assert from_csv["references"] == from_jsonl["references"] == [rows[i]["completion"].strip() for i in chosen]
     a, b = from_csv["results"]["adapter"], from_jsonl["results"]["adapter"]
     assert a["predictions"] == b["predictions"]
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     assert a["accuracy"] == b["accuracy"] and a["macro_f1"] == b["macro_f1"]
+
+
+def test_limit_samples_every_class_of_a_file_sorted_by_label(trained_run, tmp_path) -> None:
+    """--limit on a file sorted by answer: a seeded sample stratified by answer, not the first rows (which would
+    all be one class); the same seed picks the same rows; eval.json names them by file row number."""
+    run, _ = trained_run
+    rows = [json.loads(line) for line in (DEMO_DATA / "eval.jsonl").read_text().splitlines()]
+    rows.sort(key=lambda r: r["completion"])
+    path = tmp_path / "sorted.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    classes = {r["completion"].strip() for r in rows}
+    k = len(classes)  # 6 intents, 10 rows each
+    assert {r["completion"].strip() for r in rows[:2 * k]} != classes  # the first 2K rows miss classes
+
+    console = _console()
+    first = evaluate(run.path, data=str(path), limit=2 * k, console=console, write=False)
+    again = evaluate(run.path, data=str(path), limit=2 * k, console=_console(), write=False)
+    chosen = first["data"]["row_numbers"]
+    assert set(first["references"]) == classes and first["results"]["adapter"]["n"] == 2 * k
+    assert chosen == sorted(chosen) and again["data"]["row_numbers"] == chosen  # file order; reproducible
+    assert first["references"] == [rows[i]["completion"].strip() for i in chosen]
+    assert first["data"]["sampling"] == {"method": "stratified", "seed": 42, "limit": 2 * k, "classes": k}
+    assert first["data"]["rows_total"] == 60 and first["data"]["rows"] == 2 * k
+    printed = " ".join(console.export_text().split())
+    assert f"{2 * k} of 60 rows, stratified by answer across {k} classes (seed 42)" in printed
+
+    other_seed = evaluate(run.path, data=str(path), limit=2 * k, overrides=["training.seed=7"], console=_console(),
+                          write=False)
+    assert other_seed["data"]["row_numbers"] != chosen and set(other_seed["references"]) == classes
+
+
+def test_sample_rows_keeps_the_class_mix_and_falls_back_to_a_plain_sample() -> None:
+    from collections import Counter
+
+    from qlora_cli.commands.eval import sample_rows
+
+    banking = [f"intent_{i // 40}" for i in range(3080)]  # banking77's test set: 77 classes x 40, sorted
+    chosen, classes = sample_rows(3080, 400, 42, banking)
+    counts = Counter(banking[i] for i in chosen)
+    assert classes == 77 and len(chosen) == len(set(chosen)) == 400 and chosen == sorted(chosen)
+    assert len(counts) == 77 and set(counts.values()) == {5, 6}  # 400 / 77 = 5.2 rows a class
+    assert sample_rows(3080, 400, 42, banking) == (chosen, 77)
+    assert sample_rows(3080, 400, 43, banking)[0] != chosen
+
+    skewed = ["a"] * 900 + ["b"] * 90 + ["c"] * 10  # proportional, and the rare class is not left out
+    assert Counter(skewed[i] for i in sample_rows(1000, 50, 0, skewed)[0]) == {"a": 43, "b": 5, "c": 2}
+    assert len(sample_rows(1000, 2, 0, skewed)[0]) == 2  # fewer rows than classes: one each of 2 classes
+
+    free_text = [f"answer {i}" for i in range(100)]  # every answer different: no classes to stratify by
+    chosen, classes = sample_rows(100, 10, 42, free_text)
+    assert classes == 0 and len(set(chosen)) == 10 and chosen == sorted(chosen)
+    assert sample_rows(100, 10, 42, None) == (chosen, 0)  # text rows: the same plain seeded sample
+    assert sample_rows(5, 10, 42, None) == ([0, 1, 2, 3, 4], 0)
+
+
+def test_row_numbers_are_rows_of_the_source_file(tmp_path) -> None:
+    """Invalid rows are skipped and the eval_fraction hold-out is shuffled; the row numbers still point at the
+    file row each evaluated row came from."""
+    from conftest import demo_recipe
+
+    from qlora_cli.commands.eval import select_rows
+
+    rows = [json.loads(line) for line in (DEMO_DATA / "eval.jsonl").read_text().splitlines()]
+    for i in (3, 17, 40):
+        rows[i]["completion"] = ""  # skipped as invalid
+    path = tmp_path / "with-gaps.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = demo_recipe(tmp_path, f"data.source={path}", "data.eval_source=null", "data.eval_fraction=0.25")
+    for split in ("eval", "train"):
+        selected = select_rows(recipe, split)
+        assert len(selected.row_numbers) == len(selected.rows)
+        for row, number in zip(selected.rows, selected.row_numbers, strict=True):
+            assert row["completion"].strip() == rows[number]["completion"].strip()
+            assert rows[number]["prompt"] in row["prompt"]
+    held_out, training = select_rows(recipe, "eval").row_numbers, select_rows(recipe, "train").row_numbers
+    assert sorted(held_out + training) == [i for i in range(60) if i not in (3, 17, 40)]
+    assert select_rows(recipe, data=str(path)).row_numbers == [i for i in range(60) if i not in (3, 17, 40)]
 
 
 def test_answer_normalisation_is_configurable(trained_run) -> None:
@@ -129,8 +208,9 @@ def test_a_merged_model_is_evaluated_from_its_own_directory(trained_run, tmp_pat
 
 def test_generate_answers_in_the_training_format(trained_run) -> None:
     run, _ = trained_run
-    first = json.loads((DEMO_DATA / "eval.jsonl").read_text().splitlines()[0])
     evaluated = evaluate(run.path, limit=1, console=_console(), write=False)
+    [number] = evaluated["data"]["row_numbers"]
+    first = json.loads((DEMO_DATA / "eval.jsonl").read_text().splitlines()[number])
     console = _console()
     [(prompt, answer)] = generate_command(run.path, [first["prompt"]], console=console)
     assert prompt == first["prompt"]

@@ -16,7 +16,16 @@ import pytest
 import torch
 from rich.console import Console
 
-from qlora_cli.commands.merge import PAUSE_ENV, RTOL, compare_logits, merge, parse_size
+from qlora_cli.commands.merge import (
+    FLOOR_EPS,
+    NOISE_MULTIPLIER,
+    PAUSE_ENV,
+    compare_logits,
+    merge,
+    parse_size,
+    rounding_tolerance,
+    wide_logits,
+)
 from qlora_cli.errors import UserError
 
 PROMPTS = ["Classify the banking request: I lost my visa card yesterday\nIntent: lost_card",
@@ -109,15 +118,115 @@ def test_verification_fails_a_merge_that_lost_the_adapter(trained_run, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_compare_logits_tolerance_depends_on_the_dtype() -> None:
+@pytest.fixture(scope="module")
+def barely_trained_run(tmp_path_factory, tiny_model_dir):
+    """The demo recipe stopped after 2 optimizer steps at the 7B recipes' learning rate: a valid adapter whose
+    effect on the logits is small, like the 4-step adapter a user saw refused in bf16."""
+    from conftest import demo_recipe
+
+    from qlora_cli.commands.train import train
+    from qlora_cli.run_dir import RunDir
+
+    tmp = tmp_path_factory.mktemp("barely")
+    recipe = demo_recipe(tmp, "training.max_steps=2", "training.learning_rate=2e-4", "training.warmup_steps=0",
+                         "training.sft_args={eval_on_start: false}", "evaluation.compare_after_training=0")
+    train(recipe, Console(file=open(os.devnull, "w")))
+    return RunDir(tmp / "run")
+
+
+def test_a_bf16_merge_of_a_barely_trained_adapter_passes_with_a_tolerance_from_measured_rounding(
+        barely_trained_run, tmp_path):
+    """The tolerance is NOISE_MULTIPLIER x how far bf16 moves these logits from fp32 on the unmerged model, not a
+    share of the largest logit; the card and qlora_merge.json say so with the measured figures."""
+    console = Console(record=True, width=250)
+    out = tmp_path / "merged"
+    info = merge(barely_trained_run.path, out, dtype="bf16", console=console)
+    v = info["verification"]
+    assert 0 < v["rounding_noise"] and 0 < v["max_diff"] <= v["tolerance"]
+    assert v["tolerance"] == pytest.approx(max(NOISE_MULTIPLIER * v["rounding_noise"], FLOOR_EPS * 2 ** -7))
+    assert v["merged_moved"] > 0 and v["adapter_effect"] > 0  # the merged weights hold (some of) the update
+    assert "4 x the measured bf16 rounding noise" in v["tolerance_rule"] and "fp32" in v["tolerance_rule"]
+    assert json.loads((out / "qlora_merge.json").read_text())["verification"] == v
+    card = " ".join((out / "README.md").read_text().split())
+    assert f"within the tolerance {v['tolerance']:.4g}" in card and f"measured noise {v['rounding_noise']:.4g}" in card
+    printed = " ".join(console.export_text().split())
+    assert f"the bf16 rounding noise {v['rounding_noise']:.4g} measured against fp32" in printed
+    if v["adapter_effect"] <= v["tolerance"]:  # too small to tell apart from rounding: the command says so
+        assert "this check shows that the merged weights changed" in printed
+
+
+def test_wide_logits_equal_a_full_fp32_copy_and_leave_the_model_as_it_was(tiny_model_dir):
+    """The fp32 reference is computed one block at a time, yet equals casting the whole bf16 model to fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    wide = wide_logits(model, batch, torch.float32)
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, before[name]) for name, p in model.named_parameters())
+    with torch.no_grad():
+        bf16 = model(**batch).logits.float()
+        full = model.float()(**batch).logits
+    keep = batch["attention_mask"].bool()
+    assert (wide - full)[keep].abs().max() < 1e-4
+    assert (bf16 - full)[keep].abs().max() > 100 * (wide - full)[keep].abs().max()  # bf16 really rounds
+
+
+def test_the_tolerance_follows_the_measured_rounding_not_the_logit_scale() -> None:
     torch.manual_seed(0)
-    reference = torch.randn(1, 5, 16) * 10
-    mask = torch.ones(1, 5)
-    nudged = reference + 0.02
-    assert compare_logits(reference, nudged, mask, "bf16").ok  # within bf16 rounding
-    assert not compare_logits(reference, nudged, mask, "fp32").ok  # far beyond fp32 rounding
-    assert compare_logits(reference, nudged, mask, "fp32").tolerance == pytest.approx(
-        RTOL["fp32"] * reference.abs().max().item())
+    mask = torch.tensor([[1, 1, 1, 1, 0]])  # the last position is padding
+    wide = torch.randn(1, 5, 16)
+    bump = torch.zeros(1, 5, 16)
+    bump[0, 2, 3] = 0.1  # rounding moved one logit by 0.1
+    bump[0, 4, 0] = 50.0  # padding is never compared
+    for scale in (1.0, 10.0, 1000.0):  # logits 1000x larger, same rounding: same tolerance
+        tolerance, noise = rounding_tolerance(wide * scale + bump, wide * scale, mask, "bf16")
+        assert noise == pytest.approx(0.1, rel=1e-3) and tolerance == pytest.approx(NOISE_MULTIPLIER * 0.1, rel=1e-3)
+    tolerance, noise = rounding_tolerance(wide + 3 * bump, wide, mask, "bf16")  # 3x the rounding: 3x the tolerance
+    assert tolerance == pytest.approx(3 * NOISE_MULTIPLIER * 0.1, rel=1e-3)
+    assert rounding_tolerance(wide, wide, mask, "bf16") == (FLOOR_EPS * 2 ** -7, 0.0)  # exact: the floor
+    assert rounding_tolerance(wide, wide, mask, "fp32")[0] == FLOOR_EPS * torch.finfo(torch.float32).eps
+
+    reference, base = wide + bump, wide - 2.0  # base + adapter in bf16, and the base alone
+    assert compare_logits(reference, reference + 0.3, mask, "bf16", base, wide).ok  # within 4 x 0.1
+    assert not compare_logits(reference, reference + 0.5, mask, "bf16", base, wide).ok  # beyond it
+    lost = compare_logits(reference, base, mask, "bf16", base, wide)  # merged == base: the adapter is gone
+    assert lost.adapter_lost and not lost.ok and lost.max_diff == pytest.approx(2.1)
+    # An adapter too small to see beside rounding is still refused when the merge dropped it entirely.
+    faint = compare_logits(wide + 0.05, wide, mask, "bf16", wide, wide)
+    assert faint.max_diff <= faint.tolerance and faint.adapter_lost and not faint.ok
+
+
+def test_an_adapter_merged_onto_another_base_is_refused_and_nothing_written(trained_run, tiny_model_dir,
+                                                                          tmp_path, monkeypatch):
+    """Same architecture, other weights: the merged logits are far outside bf16's rounding of base + adapter."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    run, _ = trained_run
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir), dtype=torch.bfloat16)
+    real_merge = LoraModel.merge_and_unload
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, **kwargs: real_merge(
+        PeftModel.from_pretrained(other, str(run.adapter)).base_model, **kwargs))
+    with pytest.raises(UserError, match="logits differ from base \\+ adapter") as err:
+        merge(run.path, tmp_path / "bad", console=_quiet())
+    assert "measured rounding noise" in str(err.value) and "nothing was written" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_barely_trained_adapter_that_the_merge_lost_is_refused(barely_trained_run, tmp_path, monkeypatch):
+    """Even when the adapter moves logits by less than the tolerance, a merge that computes exactly the base's
+    logits (PEFT's unload() drops the adapter) is refused."""
+    from peft.tuners.lora import LoraModel
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, **kwargs: self.unload())
+    with pytest.raises(UserError, match="equal the base's") as err:
+        merge(barely_trained_run.path, tmp_path / "bad", console=_quiet())
+    assert "nothing was written" in str(err.value) and "--dtype fp32" in err.value.fix
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_merge_killed_midway_leaves_no_complete_looking_output(trained_run, tmp_path):

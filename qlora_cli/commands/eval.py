@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +34,7 @@ from rich.table import Table
 from .. import __version__
 from .. import data as datamod
 from ..errors import UserError
-from ..recipe import EvaluationConfig, ModelConfig, Recipe, load_recipe, parse_override, recipe_from_dict
+from ..recipe import DataConfig, EvaluationConfig, ModelConfig, Recipe, load_recipe, parse_override, recipe_from_dict
 from ..run_dir import RunDir, atomic_write_json
 from ..scoring import Scores, generate, normalize, score
 from .merge import MERGE_INFO, AdapterSource, check_adapter_fits, find_adapter, meta_model
@@ -153,14 +155,26 @@ class EvalData:
     rows: Dataset  # canonical rows: {prompt, completion}, {messages} or {text}
     described: str  # where they come from, e.g. "data/eval.jsonl" or "data/train.jsonl (0.1 held out, seed 42)"
     skipped: int = 0  # invalid rows left out
+    row_numbers: list[int] = field(default_factory=list)  # 0-based row of each row in its source file(s)
+    total: int = 0  # rows before --limit
+    sampling: dict[str, Any] | None = None  # how --limit chose the rows: method, seed, classes
 
     @property
     def note(self) -> str:
         return f" ({self.skipped} invalid skipped)" if self.skipped else ""
 
+    @property
+    def count_text(self) -> str:
+        """`60 rows`, or with --limit e.g. `400 of 3,080 rows, stratified by answer across 77 classes (seed 42)`."""
+        if self.sampling is None:
+            return f"{len(self.rows):,} rows"
+        how = (f"stratified by answer across {self.sampling['classes']} classes"
+               if self.sampling["method"] == "stratified" else "a random sample")
+        return f"{len(self.rows):,} of {self.total:,} rows, {how} (seed {self.sampling['seed']})"
 
-def select_rows(recipe: Recipe, split: str = "eval", data: str | None = None, limit: int | None = None) -> EvalData:
-    """The rows to evaluate, in the training format.
+
+def select_rows(recipe: Recipe, split: str = "eval", data: str | None = None) -> EvalData:
+    """The rows to evaluate, in the training format, with their row numbers in the source file(s).
 
     `split` is `eval` (the recipe's held-out rows: eval_source, eval_split or the eval_fraction hold-out),
     `train` (the training rows), or the name of a split of the recipe's hub dataset (e.g. `test`).
@@ -174,11 +188,14 @@ def select_rows(recipe: Recipe, split: str = "eval", data: str | None = None, li
                             fix="Pass e.g. --split test")
         raw = datamod.load_source(data, cfg.subset, "train" if local else split, key="--data")
         fmt, rows, skipped = datamod.format_rows(cfg, raw, data)
+        numbers = _kept_rows(cfg, fmt, skipped, len(rows), lambda: raw)
         described = f"{data}" + ("" if local else f" ({split} split)")
     elif split in ("eval", "train"):
         formatted = datamod.load_rows(cfg, recipe.training.seed)
         fmt, rows, skipped = formatted.format, formatted.train, formatted.skipped
         described = f"{_names(cfg.source)} (training rows)"
+        kept = len(rows) + (len(formatted.eval) if cfg.eval_fraction and formatted.eval is not None else 0)
+        numbers = _kept_rows(cfg, fmt, skipped, kept, lambda: _training_source(cfg))
         if split == "eval":
             if formatted.eval is None:
                 raise UserError("the recipe has no evaluation rows", where="data.eval_source",
@@ -188,16 +205,78 @@ def select_rows(recipe: Recipe, split: str = "eval", data: str | None = None, li
             if cfg.eval_fraction:
                 described = f"{_names(cfg.source)} ({cfg.eval_fraction:g} held out, seed {recipe.training.seed})"
             else:
-                described = _names(cfg.eval_source or cfg.source) + (
-                    f" ({cfg.eval_split} split)" if cfg.eval_split else "")
+                eval_source = cfg.eval_source or cfg.source
+                numbers = _kept_rows(cfg, fmt, skipped, len(rows), lambda: datamod.load_source(
+                    eval_source, cfg.subset, cfg.eval_split or "train", key="data.eval_source"))
+                described = _names(eval_source) + (f" ({cfg.eval_split} split)" if cfg.eval_split else "")
+        if cfg.eval_fraction:  # load_rows held rows out with train_test_split, a permutation fixed by count + seed
+            from datasets import Dataset
+
+            parts = Dataset.from_dict({"n": list(range(kept))}).train_test_split(
+                test_size=cfg.eval_fraction, seed=recipe.training.seed)
+            numbers = [numbers[i] for i in parts["test" if split == "eval" else "train"]["n"]]
     else:
         source = cfg.eval_source or cfg.source
         raw = datamod.load_source(source, cfg.subset, split, key="--split")
         fmt, rows, skipped = datamod.format_rows(cfg, raw, _names(source))
+        numbers = _kept_rows(cfg, fmt, skipped, len(rows), lambda: raw)
         described = f"{_names(source)} ({split} split)"
-    if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    return EvalData(fmt, rows, described, skipped)
+    return EvalData(fmt, rows, described, skipped, numbers, len(rows))
+
+
+def _training_source(cfg: DataConfig) -> Dataset:
+    """The recipe's training rows as load_rows reads them, before formatting (data.max_rows applied)."""
+    raw = datamod.load_source(cfg.source, cfg.subset, cfg.split)
+    return raw.select(range(min(cfg.max_rows, len(raw)))) if cfg.max_rows else raw
+
+
+def _kept_rows(cfg: DataConfig, fmt: str, skipped: int, kept: int, load: Callable[[], Dataset]) -> list[int]:
+    """0-based source row numbers of the `kept` rows that format_rows kept; it leaves out invalid rows."""
+    if not skipped:
+        return list(range(kept))
+    raw = datamod.map_columns(load(), cfg.columns, "data.columns")
+    return [i for i, row in enumerate(raw) if datamod._row_problem(fmt, row) is None]
+
+
+def sample_rows(count: int, limit: int, seed: int, answers: list[str] | None = None) -> tuple[list[int], int]:
+    """(positions of min(limit, count) of `count` rows, drawn reproducibly with `seed`, ascending; the number of
+    classes the sample is stratified over, 0 for a plain sample).
+
+    When the rows are prompt -> short-answer pairs (`answers` given, at least two rows per distinct answer on
+    average) the sample is stratified by answer: with `limit` at most the number of classes, one row of each of
+    `limit` classes taken in seeded order; otherwise one row of every class and the rest shared in proportion
+    to each class's remaining rows (largest remainders first), so the sample keeps the file's class mix and
+    every class appears. Other rows (text, free-form answers) get a plain seeded sample.
+    """
+    rng = random.Random(seed)
+    limit = min(limit, count)
+    if answers is None or len(set(answers)) > count // 2:
+        return sorted(rng.sample(range(count), limit)), 0
+    by_class: dict[str, list[int]] = {}
+    for i, answer in enumerate(answers):
+        by_class.setdefault(answer, []).append(i)
+    classes = list(by_class)
+    rng.shuffle(classes)
+    if limit <= len(classes):
+        return sorted(rng.choice(by_class[c]) for c in classes[:limit]), len(classes)
+    spare = limit - len(classes)
+    left = {c: len(by_class[c]) - 1 for c in classes}
+    quota = {c: spare * left[c] / sum(left.values()) for c in classes}
+    take = {c: 1 + int(quota[c]) for c in classes}
+    for c in sorted(classes, key=lambda c: quota[c] - int(quota[c]), reverse=True)[:limit - sum(take.values())]:
+        take[c] += 1
+    return sorted(i for c in classes for i in rng.sample(by_class[c], take[c])), len(classes)
+
+
+def limit_rows(rows: EvalData, limit: int, seed: int, answers: list[str] | None) -> tuple[EvalData, list[int]]:
+    """(`rows` cut to a sample of `limit` chosen by `sample_rows`, in file order; the positions kept)."""
+    chosen, classes = sample_rows(len(rows.rows), limit, seed, answers)
+    chosen.sort(key=rows.row_numbers.__getitem__)  # file order (the eval_fraction hold-out is shuffled)
+    sampling = {"method": "stratified" if classes else "random", "seed": seed, "limit": limit}
+    if classes:
+        sampling["classes"] = classes
+    return dataclasses.replace(rows, rows=rows.rows.select(chosen), sampling=sampling,
+                               row_numbers=[rows.row_numbers[i] for i in chosen]), chosen
 
 
 def _names(source: str | list[str]) -> str:
@@ -365,18 +444,22 @@ def evaluate(path: str | Path, recipe_file: str | Path | None = None, data: str 
                         fix="Use --limit 1 or more")
     target = resolve_target(path, recipe_file, data, overrides)
     recipe = target.recipe
-    rows = select_rows(recipe, split, data, limit)
+    rows = select_rows(recipe, split, data)
     tokenizer = load_tokenizer_for(target)
-    tokenized, stats = datamod.tokenize(rows.format, rows.rows, tokenizer, recipe.data.max_length)
     labelled = rows.format != "text"
     prompts = references = None
     if labelled:
         pairs = [datamod.prompt_for_generation(rows.format, r, tokenizer) for r in rows.rows]
         prompts = [p for p, _ in pairs]
         references = [normalize(a, recipe.evaluation) for _, a in pairs]
+    if limit is not None and limit < len(rows.rows):
+        rows, chosen = limit_rows(rows, limit, recipe.training.seed, references)
+        if labelled:
+            prompts, references = [prompts[i] for i in chosen], [references[i] for i in chosen]
+    tokenized, stats = datamod.tokenize(rows.format, rows.rows, tokenizer, recipe.data.max_length)
     name = target.run.path if target.run else target.path
     what = f"adapter on {target.base.name_or_path}" if target.kind == "adapter" else "merged model"
-    console.print(f"Evaluating {name} ({what}) on {rows.described}, {len(rows.rows):,} rows{rows.note}; "
+    console.print(f"Evaluating {name} ({what}) on {rows.described}, {rows.count_text}{rows.note}; "
                   f"format {rows.format}", highlight=False)
     if stats.truncated:
         console.print(f"[yellow]note:[/] {stats.truncated} row(s) are longer than data.max_length="
@@ -414,7 +497,8 @@ def evaluate(path: str | Path, recipe_file: str | Path | None = None, data: str 
         "kind": target.kind,
         "model": target.base.name_or_path if target.kind == "adapter" else str(target.path),
         "data": {"source": rows.described, "split": split if data is None else None, "format": rows.format,
-                 "rows": len(rows.rows), "skipped_invalid": rows.skipped, "limit": limit},
+                 "rows": len(rows.rows), "rows_total": rows.total, "skipped_invalid": rows.skipped, "limit": limit,
+                 "sampling": rows.sampling, "row_numbers": rows.row_numbers},
         "normalization": {"first_line": recipe.evaluation.first_line, "strip": recipe.evaluation.strip,
                           "lowercase": recipe.evaluation.lowercase},
         "max_new_tokens": recipe.evaluation.max_new_tokens,
