@@ -141,7 +141,9 @@ def eval_(
     compare_base: Annotated[
         bool, typer.Option("--compare-base", help="Also evaluate the untrained base, side by side.")
     ] = False,
-    limit: Annotated[int | None, typer.Option("--limit", help="Evaluate only the first N rows.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", help="Evaluate N rows sampled across the data (stratified by answer, seeded by training.seed)."
+    )] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     set_: SetOpt = None,
 ) -> None:
