@@ -254,4 +254,5 @@ def test_generate_merge_and_eval_take_a_run_on_a_gguf_base(smollm2_run, tmp_path
     result = runner.invoke(app, ["eval", str(merged), "--limit", "48", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads((merged / "eval.json").read_text())
-    assert report["data"]["rows"] == 48 and report["results"]["merged"]["generation"]["accuracy"] >= 0.5
+    merged_scores = report["results"]["merged"]
+    assert report["data"]["rows"] == 48 and merged_scores["accuracy"] >= 0.5 and merged_scores["stopped"] >= 0.95

@@ -31,12 +31,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .. import __version__
+from .. import __version__, scoring
 from .. import data as datamod
 from ..errors import UserError
 from ..recipe import DataConfig, EvaluationConfig, ModelConfig, Recipe, load_recipe, parse_override, recipe_from_dict
 from ..run_dir import RunDir, atomic_write_json
-from ..scoring import Scores, generate, normalize, score
+from ..scoring import Generation, Scores, generate, normalize, score
 from .merge import MERGE_INFO, AdapterSource, check_adapter_fits, find_adapter, meta_model
 
 if TYPE_CHECKING:
@@ -384,6 +384,7 @@ class ModelResult:
     loss_tokens: int
     scores: Scores | None = None
     predictions: list[str] | None = None
+    stopped: float | None = None  # share of answers the model ended itself (EOS) before max_new_tokens
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -391,6 +392,7 @@ class ModelResult:
                                "seconds": round(self.seconds, 2)}
         if self.scores is not None:
             out.update(self.scores.to_dict())
+            out["stopped"] = self.stopped
             out["predictions"] = self.predictions
         return out
 
@@ -407,21 +409,23 @@ def evaluate_model(label: str, model: Any, tokenizer: PreTrainedTokenizerBase, d
     result = ModelResult(label, loss, math.exp(loss) if loss < 700 else float("inf"), tokens)
     if prompts is not None and references is not None:
         answers = generate_answers(label, model, tokenizer, prompts, cfg, data.format != "chat", console)
-        result.predictions = [normalize(a, cfg) for a in answers]
+        result.predictions = [normalize(a.text, cfg) for a in answers]
+        result.stopped = sum(a.stopped for a in answers) / len(answers) if answers else None
         result.scores = score(result.predictions, references)
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def generate_answers(label: str, model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                     cfg: EvaluationConfig, add_special_tokens: bool, console: Console) -> list[str]:
-    answers: list[str] = []
+                     cfg: EvaluationConfig, add_special_tokens: bool, console: Console) -> list[Generation]:
+    answers: list[Generation] = []
     with Progress(TextColumn(f"[bold]{label}[/] generating"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True,
                   disable=not console.is_terminal) as progress:
         task = progress.add_task("generate", total=len(prompts))
         for i in range(0, len(prompts), cfg.batch_size):
-            answers.extend(generate(model, tokenizer, prompts[i:i + cfg.batch_size], cfg, add_special_tokens))
+            answers.extend(scoring.generate_answers(model, tokenizer, prompts[i:i + cfg.batch_size], cfg,
+                                                    add_special_tokens))
             progress.update(task, completed=len(answers))
     return answers
 
@@ -532,6 +536,7 @@ def print_report(results: dict[str, ModelResult], references: list[str] | None, 
     if references is not None:
         table.add_row("accuracy (exact match)", *(f"{results[k].scores.accuracy:.1%}" for k in order))
         table.add_row("macro-F1", *(f"{results[k].scores.macro_f1:.3f}" for k in order))
+        table.add_row("answers that end by themselves", *(f"{results[k].stopped:.1%}" for k in order))
     table.add_row("time", *(f"{results[k].seconds:.1f} s" for k in order))
     console.print(table)
     if references is None:
