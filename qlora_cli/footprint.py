@@ -463,8 +463,14 @@ def layer_activation_bytes(arch: Architecture, s: RunSettings) -> tuple[int, lis
     b, h, i = s.act_bytes, arch.hidden, arch.intermediate
     targets = set(s.target_modules)
     masked = attention_mask_elements(arch, s) > 0
-    if s.liger:  # Liger's RMSNorm keeps its bf16 input and the rms; its SwiGLU recomputes SiLU in backward
-        parts: list[tuple[str, int]] = [("2 RMSNorms (Liger: input + rms)", 2 * (b * h + 4))]
+    # Liger's RMSNorm keeps its bf16 input and the rms, and its SwiGLU recomputes SiLU in backward. Compiled layers
+    # keep the same (measured on an H200: 45.4 and 45.0 KB per token and layer less than eager layers, Mistral-7B
+    # with and without LoRA dropout; Liger's saving is 45.1 KB): inductor upcasts the norm's input in backward
+    # again and recomputes SiLU from the gate. The LoRA dropout masks are kept either way.
+    fused = s.liger or s.compiled
+    if fused:
+        parts: list[tuple[str, int]] = [
+            (f"2 RMSNorms ({'Liger' if s.liger else 'compiled'}: input + rms)", 2 * (b * h + 4))]
     else:
         parts = [("2 RMSNorms (fp32 input + rms)", 2 * (4 * h + 4))]
     if arch.qk_norm:
@@ -473,17 +479,15 @@ def layer_activation_bytes(arch: Architecture, s: RunSettings) -> tuple[int, lis
     parts.append(("attention q, k, v, output, lse", b * (2 * arch.q_dim + 2 * kv) + 4 * arch.heads))
     if masked:
         parts.append(("mask bias", 2 * s.seq_len * (s.micro_batch if s.packing else 1)))
-    fused_mlp = s.liger or s.compiled  # compiled layers recompute SiLU from the gate in backward, as Liger does
-    parts.append(("MLP gate, up" if fused_mlp else "MLP gate, SiLU, up", (2 if fused_mlp else 3) * b * i))
+    parts.append(("MLP gate, up" if fused else "MLP gate, SiLU, up", (2 if fused else 3) * b * i))
     lora_inputs = 0
-    if s.lora_dropout:  # compiled layers regenerate the dropout masks from the RNG seed instead of keeping them
-        lora_inputs = sum((b if s.compiled else 1 + b) * arch.linears[name][0] for name in targets)
+    if s.lora_dropout:
+        lora_inputs = sum((1 + b) * arch.linears[name][0] for name in targets)
     else:
         lora_inputs += b * h if targets & {"q_proj", "k_proj", "v_proj"} else 0
         lora_inputs += b * h if targets & {"gate_proj", "up_proj"} else 0
         lora_inputs += b * i if "down_proj" in targets else 0  # the MLP product; o_proj's input SDPA keeps anyway
-    dropped = " (dropout copies)" if s.compiled else " (dropout copies + masks)"
-    parts.append((f"LoRA inputs{dropped if s.lora_dropout else ''}", lora_inputs))
+    parts.append((f"LoRA inputs{' (dropout copies + masks)' if s.lora_dropout else ''}", lora_inputs))
     parts.append(("LoRA rank-r outputs", b * s.lora_r * len(targets)))
     if s.use_dora:
         parts.append(("DoRA base and LoRA outputs", 2 * b * sum(arch.linears[n][1] for n in targets)))
@@ -628,8 +632,8 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
         notes.append("packing without flex attention: modelled as SDPA masking the flattened micro-batch "
                      "(tokens x tokens)")
     if s.compiled:
-        notes.append("compiled layers (training.compile_layers): SiLU and the LoRA dropout masks are recomputed in "
-                     "backward, not kept")
+        notes.append("compiled layers (training.compile_layers): norms and MLP keep what Liger's kernels keep "
+                     "(measured on an H200)")
     if s.use_dora:
         notes.append("DoRA: activation terms are rough")
     if s.act_bytes == 4:

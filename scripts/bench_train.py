@@ -7,6 +7,11 @@ step time, peak allocated and reserved memory, load time and the first losses.
 
     python scripts/bench_train.py --shape mistral7b --steps 12 --warmup 3 --out bench.json
     python scripts/bench_train.py --shape tiny --device cpu --steps 4 --warmup 1       # CPU dry run of the script
+    python scripts/bench_train.py --data-kind intents --variants "qlora-data.packing=false;..."  # short rows
+
+Data (`--data-kind`): `text` = documents of pseudo-words, lengths drawn log-normally between 50 and 3,000 words
+(many short, some long: TRL's best-fit packing leaves short rows and short last micro-batches); `intents` =
+banking77-like prompt -> label rows of 8-40 words, for the short-row recipe (qwen2.5-7b-banking77.yaml).
 
 Variants (`--variants`, comma-separated):
   baseline         prepare_model_for_kbit_training, SDPA, TRL packing, LoRA r16/a32/d0.05 on 7 projections,
@@ -79,13 +84,28 @@ def corpus(n_docs: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def write_data(path: Path, n_docs: int) -> Path:
-    if not path.is_file():
+def write_data(path: Path, n_docs: int, kind: str = "text") -> Path:
+    if path.is_file():
+        return path
+    if kind == "text":
         path.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus(n_docs)))
+        return path
+    rng = random.Random(2)
+    words = corpus(1, seed=3)[0].split()
+    labels = [f"intent_{rng.choice(words)}_{i}" for i in range(77)]
+    rows = [{"prompt": " ".join(rng.choice(words) for _ in range(int(min(40, max(8, rng.lognormvariate(2.7, 0.4)))))),
+             "completion": " " + rng.choice(labels)} for _ in range(n_docs)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 # ------------------------------------------------------------------------------------------------ runs
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 class Timer:
@@ -129,7 +149,7 @@ class Timer:
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
-                    records.append({"step": state.global_step, "t": time.perf_counter(),
+                    records.append({"step": state.global_step, "t": time.perf_counter(), "graphs": compiled_graphs(),
                                     "tokens": state.num_input_tokens_seen, "loss": float(logs["loss"])})
 
         return _Timer()
@@ -138,7 +158,7 @@ class Timer:
 def summarize(records: list[dict], warmup: int, load_s: float, device: str) -> dict:
     import torch
 
-    timed = [r for r in records if r["step"] > warmup]
+    timed = [r for r in records if r["step"] >= warmup]  # the first interval ends at step warmup + 1
     steps = [b["t"] - a["t"] for a, b in zip(timed, timed[1:])]
     tokens = timed[-1]["tokens"] - timed[0]["tokens"]
     elapsed = timed[-1]["t"] - timed[0]["t"]
@@ -149,6 +169,8 @@ def summarize(records: list[dict], warmup: int, load_s: float, device: str) -> d
         "load_s": load_s,
         "losses": [round(r["loss"], 5) for r in records],
         "step_s": [round(b["t"] - a["t"], 3) for a, b in zip(records, records[1:])],
+        "step_tokens": [b["tokens"] - a["tokens"] for a, b in zip(records, records[1:])],
+        "compiles_after_warmup": compiled_graphs() - timed[0]["graphs"],
     }
     if device == "cuda":
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -190,10 +212,24 @@ def run_baseline(ckpt: Path, data: Path, a: argparse.Namespace, liger: bool) -> 
     )
     timer = make_timer(a, "baseline-liger" if liger else "baseline")
     ds = load_dataset("json", data_files=str(data), split="train")
+    callbacks = [timer.callback()]
+    if a.baseline_steps:  # fewer steps, the same learning-rate schedule as qlora's run
+        callbacks.append(stop_after(a.warmup + a.baseline_steps + 1))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, peft_config=lora,
-                         callbacks=[timer.callback()])
+                         callbacks=callbacks)
     trainer.train()
     return summarize(timer.records, a.warmup, load_s, a.device)
+
+
+def stop_after(steps: int):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= steps:
+                control.should_training_stop = True
+
+    return Stop()
 
 
 def run_qlora(ckpt: Path, data: Path, a: argparse.Namespace, overrides: list[str]) -> dict:
@@ -205,10 +241,13 @@ def run_qlora(ckpt: Path, data: Path, a: argparse.Namespace, overrides: list[str
 
     cuda = a.device == "cuda"
     recipe_path = a.workdir / "bench-recipe.yaml"
+    data_fmt = "format: text"
+    if a.data_kind == "intents":
+        data_fmt = 'format: prompt_completion, prompt_template: "Q: {prompt}\\nA:"'
     recipe_path.write_text(f"""
 model: {{name_or_path: {ckpt}}}
 lora: {{r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: {TARGETS}}}
-data: {{source: {data}, format: text, max_length: {a.seq_len}, packing: true}}
+data: {{source: {data}, {data_fmt}, max_length: {a.seq_len}, packing: true}}
 training:
   max_steps: {a.warmup + a.steps + 1}
   per_device_train_batch_size: {a.micro_batch}
@@ -224,7 +263,10 @@ training:
     timer = make_timer(a, "qlora" + ("-" + "-".join(overrides) if overrides else ""))
     summary = train_cmd.train(recipe, Console(stderr=True, width=120), overwrite=True,
                               callbacks=[timer.callback()])
-    return summarize(timer.records, a.warmup, summary["load_time_s"], a.device)
+    result = summarize(timer.records, a.warmup, summary["load_time_s"], a.device)
+    result["summary"] = {k: summary.get(k) for k in ("steady_tokens_per_s", "tokens_per_s", "train_time_s", "warmup_s",
+                                                     "warmup_steps", "steady_steps", "compiles", "steps")}
+    return result
 
 
 def make_timer(a: argparse.Namespace, variant: str) -> Timer:
@@ -272,7 +314,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--docs", type=int, default=3000, help="synthetic documents")
+    p.add_argument("--baseline-steps", type=int, default=None, help="timed steps of the baseline variants "
+                   "(default: --steps)")
+    p.add_argument("--docs", type=int, default=3000, help="synthetic documents (rows)")
+    p.add_argument("--data-kind", default="text", choices=["text", "intents"])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"))
     p.add_argument("--out", type=Path, default=None)
@@ -287,12 +332,13 @@ def main() -> None:
         return
 
     ckpt = make_checkpoint(a.shape, a.workdir / f"ckpt-{a.shape}", a.device)
-    data = write_data(a.workdir / f"data-{a.docs}.jsonl", a.docs)
+    data = write_data(a.workdir / f"data-{a.data_kind}-{a.docs}.jsonl", a.docs, a.data_kind)
     results = []
     for variant in a.variants.split(","):
         cmd = [sys.executable, __file__, "--child", variant, "--ckpt", str(ckpt), "--data", str(data),
                "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
-               "--warmup", str(a.warmup), "--device", a.device, "--workdir", str(a.workdir)]
+               "--warmup", str(a.warmup), "--device", a.device, "--workdir", str(a.workdir),
+               "--data-kind", a.data_kind, *(["--baseline-steps", str(a.baseline_steps)] if a.baseline_steps else [])]
         if a.profile_dir:
             cmd += ["--profile-dir", a.profile_dir]
         t0 = time.perf_counter()
@@ -311,7 +357,7 @@ def main() -> None:
     print(f"\nshape {a.shape}, micro-batch {a.micro_batch} x {a.seq_len} tokens, {a.steps} timed steps after "
           f"{a.warmup} warm-up, device {device_name(a.device)}")
     print(f"{'variant':<34}{'tok/s':>9}{'x base':>8}{'step s':>8}{'alloc GB':>10}{'resv GB':>9}{'x mem':>7}"
-          f"{'load s':>8}")
+          f"{'load s':>8}{'compiles':>9}{'late':>5}{'warm-up s':>10}{'steady*':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<34} FAILED")
@@ -319,8 +365,13 @@ def main() -> None:
         speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         alloc, resv = r.get("peak_allocated_gb", 0.0), r.get("peak_reserved_gb", 0.0)
         mem = alloc / base["peak_allocated_gb"] if base and base.get("peak_allocated_gb") else float("nan")
-        print(f"{r['variant']:<34}{r['tokens_per_s']:>9.0f}{speed:>8.2f}{r['median_step_s']:>8.3f}{alloc:>10.2f}"
-              f"{resv:>9.2f}{mem:>7.2f}{r['load_s']:>8.1f}")
+        run = r.get("summary") or {}
+        print(f"{r['variant'][:33]:<34}{r['tokens_per_s']:>9.0f}{speed:>8.2f}{r['median_step_s']:>8.3f}{alloc:>10.2f}"
+              f"{resv:>9.2f}{mem:>7.2f}{r['load_s']:>8.1f}{run.get('compiles') or 0:>9}"
+              f"{r.get('compiles_after_warmup', 0):>5}{run.get('warmup_s') or 0:>10.1f}"
+              f"{run.get('steady_tokens_per_s') or 0:>9.0f}")
+    print("compiles: graphs torch.compile compiled in the run; late: of them after the warm-up steps; warm-up s and "
+          "steady*: what `qlora train` itself reports (summary.json)")
     print("\nfirst losses:")
     for r in results:
         if "error" not in r:

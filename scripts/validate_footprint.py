@@ -5,7 +5,7 @@ On a CUDA machine without a model hub:
     python scripts/validate_footprint.py --group a --out results/ --jobs 2
 
 (group a: Mistral-7B and Llama-3-8B shapes, the first GPU run; group b: new shapes, Qwen2.5-7B and padded
-batches, the second; docs/footprint.md has both results.)
+batches, the second; group c: compiled decoder layers, the third; docs/footprint.md has the results.)
 
 1. makes random-weight checkpoints of the real shapes (the configs qlora ships for Mistral-7B and Llama-3-8B),
    in bf16, with a stand-in tokenizer (the tiny model's);
@@ -51,6 +51,7 @@ class Config:
     dropout: float = 0.05
     liger: bool = False
     padded: bool = False  # rows of different lengths: batches are padded and need an attention mask
+    compiled: bool = False  # training.compile_layers (groups a and b ran before it existed: eager layers)
     group: str = "a"  # a: the first GPU run, which the model's measured terms were fitted to; b: the second
 
 
@@ -73,6 +74,11 @@ CONFIGS = [  # Mistral without Liger's kernels, Llama-3 with them (the recipe de
     Config("mistral-512x8-nockpt-padded", "mistral-7b", 512, 8, False, padded=True, group="b"),
     Config("mistral-4096x1-nockpt", "mistral-7b", 4096, 1, False, group="b"),  # sliding-window mask, every layer
     Config("mistral-2048x2-nockpt-liger", "mistral-7b", 2048, 2, False, liger=True, group="b"),
+    # Group c: compiled decoder layers (the CUDA default for 7B models since issue #14's work).
+    Config("mistral-2048x2-nockpt-compiled", "mistral-7b", 2048, 2, False, compiled=True, group="c"),
+    Config("mistral-2048x2-nockpt-compiled-nodropout", "mistral-7b", 2048, 2, False, dropout=0.0, compiled=True,
+           group="c"),
+    Config("mistral-2048x4-ckpt-compiled", "mistral-7b", 2048, 4, True, compiled=True, group="c"),
 ]
 STEPS, ACCUMULATION = 2, 2
 
@@ -138,6 +144,8 @@ def write_inputs(cfg: Config, ckpt: Path, work: Path, tiny: bool) -> Path:
         "gradient_checkpointing": cfg.checkpointing, "max_steps": STEPS, "allow_cpu": tiny,
         "output_dir": str(work / "runs" / cfg.name),
     }
+    if "compile_layers" in TrainingConfig.__dataclass_fields__:
+        training["compile_layers"] = cfg.compiled
     if "use_liger_kernel" in TrainingConfig.__dataclass_fields__:
         training["use_liger_kernel"] = cfg.liger
     elif cfg.liger:
@@ -340,7 +348,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/qlora-validate"))
     parser.add_argument("--tiny", action="store_true", help="2-layer models on the CPU: checks the script only")
     parser.add_argument("--only", default="", help="comma-separated configuration names")
-    parser.add_argument("--group", default="all", choices=["a", "b", "all"], help="configurations of one GPU run")
+    parser.add_argument("--group", default="all", choices=["a", "b", "c", "all"], help="configurations of one GPU run")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--time-limit", type=float, default=400, help="start no configuration after this many s")
     parser.add_argument("--run-one", type=Path, help=argparse.SUPPRESS)

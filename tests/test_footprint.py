@@ -277,3 +277,41 @@ def test_cli_errors_for_bad_gpu_and_for_measure_without_cuda(tmp_path: Path) -> 
     proc = cli(recipe, "--measure")
     error = " ".join(proc.stderr.split())
     assert proc.returncode == 2 and "--measure: real training steps need a CUDA GPU, and none is visible" in error
+
+
+def test_liger_and_compiling_are_decided_for_the_target_gpu_not_the_machine_that_estimates(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    """A laptop without liger-kernel and the GPU machine with it give the same estimate."""
+    import qlora_cli.model
+
+    recipe = load_recipe(write_recipe(tmp_path))
+    estimates = []
+    for installed in (False, True):
+        monkeypatch.setattr(qlora_cli.model, "liger_installed", lambda installed=installed: installed)
+        estimates.append(estimate_for_recipe(recipe).total)
+    assert estimates[0] == estimates[1]
+    compiled = estimate_for_recipe(recipe).settings  # Mistral-7B on a GPU: layers compiled, so no Liger
+    assert compiled.compiled and not compiled.liger
+    eager = estimate_for_recipe(load_recipe(write_recipe(tmp_path), ["training.compile_layers=false"])).settings
+    assert eager.liger and not eager.compiled  # liger-kernel assumed installed on the GPU (the `gpu` extra)
+
+
+def test_compiled_layers_keep_what_liger_keeps_and_the_dropout_masks() -> None:
+    """Measured on an H200 (docs/footprint.md): compiled layers keep a bf16 norm input and no SiLU output, like
+    Liger's kernels; the LoRA dropout masks stay."""
+    a = arch(MISTRAL)
+    eager = estimate(a, settings(gradient_checkpointing=False))
+    compiled = estimate(a, settings(gradient_checkpointing=False, compiled=True))
+    liger = estimate(a, settings(gradient_checkpointing=False, liger=True))
+    per_token_layer = (eager.term("activations").bytes - compiled.term("activations").bytes) / (a.layers * 4 * 2048)
+    assert per_token_layer == 2 * 2 * a.hidden + 2 * a.intermediate  # fp32 -> bf16 norm inputs, no SiLU output
+    assert compiled.term("activations").bytes == liger.term("activations").bytes
+
+
+def test_packed_rows_under_flex_attention_build_no_mask() -> None:
+    a = arch(LLAMA3)
+    sdpa = estimate(a, settings(packing=True, gradient_checkpointing=False))
+    flex = estimate(a, settings(packing=True, gradient_checkpointing=False, flex=True))
+    assert flex.term("activations").bytes < sdpa.term("activations").bytes
+    assert not any(part.startswith("mask bias") for part in flex.layer_parts)
+    assert any(part.startswith("mask bias") for part in sdpa.layer_parts)

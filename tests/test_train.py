@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, demo_recipe
 
-from qlora_cli.commands.train import build_sft_config, dry_run, train
+from qlora_cli.commands.train import StepClock, build_sft_config, dry_run, eval_loss_row, shape_args, train
 from qlora_cli.errors import UserError
 from qlora_cli.model import Device, meta_model
 from qlora_cli.run_dir import RunDir
@@ -152,3 +152,51 @@ def test_compiled_layers_train_evaluate_and_generate_like_eager_layers(tmp_path:
     assert compiled["final_eval_loss"] == pytest.approx(eager["final_eval_loss"], rel=5e-2)
     assert compiled["comparison"]["n"] == 8
     assert (run.adapter / "adapter_model.safetensors").is_file()
+    # Unpacked batches of varying length: the layers are compiled for any length at the first step, and no later
+    # training step compiles (steps that compiled count as warm-up; evaluations' own graphs do not).
+    assert compiled["compiles"] >= 1 and compiled["warmup_steps"] == 1
+    assert compiled["steady_steps"] >= 15 and compiled["steady_tokens_per_s"] > 0
+    assert eager["compiles"] == 0
+
+
+def test_steady_tokens_per_s_leaves_out_warm_up_compiles_evaluations_and_saves() -> None:
+    clock = StepClock()
+    assert clock.add(40.0, 8000, compiled=3, first=True, eval_or_save=False) == "warm-up"  # first step compiles
+    assert clock.add(1.0, 8000, compiled=0, first=False, eval_or_save=False) == "steady"
+    assert clock.add(30.0, 8000, compiled=2, first=False, eval_or_save=False) == "warm-up"  # a recompile
+    assert clock.add(9.0, 8000, compiled=1, first=False, eval_or_save=True) == "other"  # eval compiled its graph
+    assert clock.add(1.0, 6000, compiled=0, first=False, eval_or_save=False) == "steady"
+    assert clock.tokens_per_s == 7000.0
+    assert (clock.warmup_s, clock.warmup_steps, clock.other_s, clock.compiles) == (70.0, 2, 9.0, 6)
+
+
+def test_eval_loss_is_labelled_start_only_when_an_evaluation_ran_before_training() -> None:
+    at_start = {"first_eval_loss": 7.41, "final_eval_loss": 0.002, "first_eval_step": 0}
+    assert eval_loss_row(at_start) == ("eval loss (start -> end)", "7.4100 -> 0.0020")
+    later = {**at_start, "first_eval_step": 50}
+    assert eval_loss_row(later) == ("eval loss (first at step 50 -> end)", "7.4100 -> 0.0020")
+    assert eval_loss_row({"first_eval_loss": None, "final_eval_loss": None, "first_eval_step": None}) == (
+        "eval loss (end)", "-")
+
+
+def test_packed_rows_have_one_shape_where_layers_or_attention_are_compiled(tmp_path: Path) -> None:
+    gpu, cpu = Device("cuda", "GPU", None, True), Device("cpu", "CPU", None, True)
+    packed = demo_recipe(tmp_path, "data.packing=true", "training.per_device_train_batch_size=4")
+    assert shape_args(packed, gpu) == {"pad_to_multiple_of": 4 * 64}  # micro-batch x max_length: one length
+    assert shape_args(packed, cpu) == {}  # eager layers, sdpa: nothing is specialised to a length
+    compiled = demo_recipe(tmp_path, "data.packing=true", "training.compile_layers=true")
+    assert shape_args(compiled, cpu) == {"pad_to_multiple_of": 16 * 64}
+    assert shape_args(demo_recipe(tmp_path, "training.compile_layers=true"), gpu) == {}  # unpacked: any length
+
+
+def test_compile_layers_auto_compiles_only_models_large_enough_to_pay_it_back(tmp_path: Path, monkeypatch) -> None:
+    from qlora_cli.model import resolve_compile
+    from qlora_cli.recipe import load_recipe
+
+    monkeypatch.chdir(REPO)
+    gpu, cpu = Device("cuda", "GPU", None, True), Device("cpu", "CPU", None, True)
+    tiny = demo_recipe(tmp_path)  # hidden size 256: compiling (~90 s) would take longer than the whole run
+    assert tiny.training.compile_layers == "auto" and not resolve_compile(tiny, gpu)
+    mistral = load_recipe(REPO / "recipes" / "mistral7b.yaml")  # hidden size 4096
+    assert resolve_compile(mistral, gpu) and not resolve_compile(mistral, cpu)
+    assert resolve_compile(demo_recipe(tmp_path, "training.compile_layers=true"), cpu)  # asked for: always

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/performance.md and docs/footprint.md (issue #14), on one H200, from the repository root
+# after installing the wheels the machine lacks (../shared/gpu/README.md). Results go to $OUT.
+#   bash docs/bench/issue14-gpu.sh a   # Mistral-7B shape: baseline vs qlora (100 steps), banking77-like short rows
+#   bash docs/bench/issue14-gpu.sh b   # Llama-3-8B shape: baseline vs qlora; footprint check of compiled layers
+set -o pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+W=/tmp/qlora-bench
+OLD_BANKING="qlora-data.packing=false;data.max_length=256;training.per_device_train_batch_size=16;training.gradient_accumulation_steps=2"
+if [ "$1" = a ]; then
+  python3 scripts/bench_train.py --shape mistral7b --steps 100 --baseline-steps 25 --warmup 4 --docs 3000 \
+    --workdir $W --variants baseline,qlora --out "$OUT/mistral7b-h200.json" 2>&1 | tee "$OUT/mistral7b.log"
+  python3 scripts/bench_train.py --shape mistral7b --data-kind intents --docs 40000 --micro-batch 1 --seq-len 2048 \
+    --steps 25 --warmup 3 --workdir $W --variants "$OLD_BANKING,qlora" --out "$OUT/banking-mistral7b-h200.json" \
+    2>&1 | tee "$OUT/banking.log"
+elif [ "$1" = b ]; then
+  python3 scripts/bench_train.py --shape llama3-8b --steps 30 --baseline-steps 25 --warmup 4 --docs 3000 \
+    --workdir $W --variants baseline,qlora --out "$OUT/llama3-8b-h200.json" 2>&1 | tee "$OUT/llama3-8b.log"
+  rm -rf $W/ckpt-llama3-8b
+  timeout 240 python3 scripts/validate_footprint.py --group c --out "$OUT/footprint" --work /tmp/qlora-validate \
+    --jobs 2 --time-limit 120 2>&1 | tee "$OUT/footprint.log"
+  # the shipped banking77 recipe's micro-batch 1 measured 4,912 tokens/s in run a: micro-batch 4 packed rows
+  timeout 120 python3 scripts/bench_train.py --shape mistral7b --data-kind intents --docs 40000 --micro-batch 4 \
+    --seq-len 2048 --steps 25 --warmup 3 --workdir $W --variants qlora --out "$OUT/banking-mb4-mistral7b-h200.json" \
+    2>&1 | tee "$OUT/banking-mb4.log"
+fi
