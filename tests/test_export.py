@@ -162,10 +162,14 @@ def smollm2_run(tmp_path_factory) -> Path:
     from qlora_cli.commands.train import train
     from qlora_cli.recipe import load_recipe
 
-    out = tmp_path_factory.mktemp("smollm2") / "run"
+    tmp = tmp_path_factory.mktemp("smollm2")
+    held_out = tmp / "eval.jsonl"  # 16 held-out rows: the run's evaluation and the export's checks use them
+    lines = (REPO / "data/intents/eval.jsonl").read_text(encoding="utf-8").splitlines()
+    held_out.write_text("\n".join(lines[::12][:16]) + "\n", encoding="utf-8")
+    out = tmp / "run"
     recipe = load_recipe(REPO / "recipes" / "smollm2-intents.yaml", [
         f"model.name_or_path={smollm2_gguf()}", f"data.source={REPO / 'data/intents/train.jsonl'}",
-        f"data.eval_source={REPO / 'data/intents/eval.jsonl'}", f"training.output_dir={out}",
+        f"data.eval_source={held_out}", f"training.output_dir={out}",
         "training.max_steps=3", "training.per_device_train_batch_size=4", "training.warmup_steps=0",
         "training.sft_args.eval_on_start=false",
         "training.eval_steps=100", "training.save_steps=100", "evaluation.compare_after_training=0",
