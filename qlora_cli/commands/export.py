@@ -68,6 +68,8 @@ THRESHOLDS: dict[str, Thresholds] = {
     "q4_0": Thresholds(top1=0.70, kl=0.35, greedy=None),
 }
 MAX_TOKENS = 256  # longest verification text, in tokens
+# Models up to this size are compared in fp32; larger ones in bf16 (the float types' weights are bf16 anyway).
+FP32_CHECK_LIMIT = 2 * 10**9
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -334,13 +336,15 @@ def verify_gguf(gguf_file: Path, merged_dir: Path, quant: str, rows: Rows, conso
 
     limits = THRESHOLDS[quant]
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    reference = HFRunner(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval(), tokenizer)
+    weights = sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))  # 2 bytes a parameter in bf16
+    dtype = torch.float32 if weights <= 2 * FP32_CHECK_LIMIT else torch.bfloat16  # 2 fp32 copies of 7B: ~58 GB
+    reference = HFRunner(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval(), tokenizer)
     eos = tokenizer.eos_token_id
     cache: dict[str, Any] = {}
     float_type = quant in gx.FLOAT_TYPES
     kwargs = {"gguf_file": gguf_file.name}
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kwargs).eval()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=dtype, **kwargs).eval()
         loaded_tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     except Exception as e:  # noqa: BLE001 - any failure to read the file back is the finding
         raise UserError(f"transformers cannot read the written GGUF back ({type(e).__name__}: "
