@@ -189,3 +189,46 @@ def test_smollm2_round_trip(smollm2_run, tmp_path, console, quant, greedy):
         assert check["greedy"] >= greedy, check
     modelfile = (out / "Modelfile").read_text()
     assert "Bank customer request: {{ .Prompt }}\nIntent:" in modelfile and 'stop "<|im_end|>"' in modelfile
+
+
+# -------------------------------------------------------------------------------- architectures we ship recipes for
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_each_architecture_reads_back_with_the_same_logits(model_type, tiny_model_dir, tmp_path):
+    """A small random model of each shipped architecture (Qwen2 with its q/k/v biases), written as f16 GGUF, is
+    read back by transformers (and run by llama.cpp when installed) with the logits of the original."""
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_cli.gguf_export import write_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, tie_word_embeddings=False,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if model_type == "qwen2":
+        for layer in model.model.layers:  # random biases, so a misplaced bias shows
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    info = write_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f16", f"tiny-{model_type}")
+    assert info["architecture"] == ("qwen2" if model_type == "qwen2" else "llama")
+
+    ids = tokenizer("Classify the banking request: send 50 euros to anna\nIntent:", return_tensors="pt").input_ids
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(ids).logits[0]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)(ids).logits[0]
+    assert (back - want).abs().max() < 1e-3
+    if LLAMA_CPP:
+        from qlora_cli.commands.export import LlamaCppRunner
+
+        runner = LlamaCppRunner(tmp_path / "m.gguf")
+        assert runner.tokenize(tokenizer.decode(ids[0]), add_special=False) == ids[0].tolist()
+        got = runner.logits_many([ids[0].tolist()])[0]
+        assert (np.argmax(got, -1) == want.argmax(-1).numpy()).mean() >= 0.95
+        assert np.abs(got - want.detach().numpy()).max() < 0.05 * want.abs().max().item()
