@@ -125,9 +125,10 @@ def vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase, vocab_size: 
                         fix="Save the model with a fast tokenizer (tokenizer.save_pretrained)") from None
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else model.get("type")
+        kind = "SentencePiece-style BPE with byte fallback (as in Mistral 7B and Llama 2)" \
+            if model.get("byte_fallback") else f"a {model.get('type')} model"
         raise UserError(f"the tokenizer is {kind}; qlora writes byte-level BPE vocabularies (Llama 3, Qwen2, "
-                        "SmolLM2, Mistral v0.3 Tekken-free variants excluded)", where=where,
+                        "SmolLM2)", where=where,
                         fix="Export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
     pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), where)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
@@ -248,16 +249,6 @@ def _tensor_data(plan: TensorPlan, files: dict[str, Path]) -> np.ndarray:
     return gguf.quants.quantize(w, gguf.GGMLQuantizationType[plan.type])
 
 
-def estimated_bytes(model_dir: Path, quant: str) -> int:
-    """Size of the GGUF file for `quant`, from the safetensors headers (weights, plus 1% and 20 MB for metadata)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    arch = ARCHITECTURES.get(config.model_type, "LLAMA")
-    weights = sum(p.nbytes for p in plan_tensors(model_dir, config, arch, quant))
-    return int(weights * 1.01) + 20 * 10**6
-
-
 # ------------------------------------------------------------------------------------------------ writer
 
 
@@ -301,6 +292,7 @@ def _rope_freqs(config: PretrainedConfig, rope: dict[str, Any]) -> np.ndarray:
 def write_gguf(model_dir: str | Path, path: str | Path, quant: str, name: str) -> dict[str, Any]:
     """Write the model in `model_dir` (a Hugging Face folder) to the GGUF file `path`; returns what was written."""
     import gguf
+    import numpy as np
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir, path = Path(model_dir), Path(path)
@@ -360,7 +352,7 @@ def write_gguf(model_dir: str | Path, path: str | Path, quant: str, name: str) -
     for p in plans:
         qtype = gguf.GGMLQuantizationType[p.type]
         byte_shape = gguf.quant_shape_to_byte_shape(p.shape, qtype) if p.type not in ("F32", "F16") else p.shape
-        dtype = {"F32": gguf_np("float32"), "F16": gguf_np("float16")}.get(p.type, gguf_np("uint8"))
+        dtype = {"F32": np.float32, "F16": np.float16}.get(p.type, np.uint8)
         writer.add_tensor_info(p.name, byte_shape, dtype, p.nbytes, raw_dtype=None if p.type in ("F32", "F16")
                                else qtype)
     writer.write_header_to_file(path)
@@ -376,9 +368,3 @@ def write_gguf(model_dir: str | Path, path: str | Path, quant: str, name: str) -
     return {"architecture": arch.lower(), "quant": quant, "tensors": len(plans) + len(extra),
             "tensor_types": dict(Counter(p.type for p in plans)), "tokenizer_pre": vocab.pre,
             "add_bos": vocab.add_bos, "vocab_size": config.vocab_size, "bytes": path.stat().st_size}
-
-
-def gguf_np(name: str) -> Any:
-    import numpy as np
-
-    return np.dtype(name)

@@ -31,7 +31,6 @@ from .. import gguf_export as gx
 from .. import modelfile as mf
 from ..errors import UserError
 from ..recipe import Recipe, load_recipe
-from ..reliability import check_disk_space
 from ..run_dir import atomic_dir, check_writable
 from . import merge as merge_cmd
 
@@ -458,9 +457,7 @@ def export(path: str | Path, out: str | Path, fmt: str = "gguf", quant: str = "f
     parameters = parameter_count(source, base)
     gguf_bytes = int(parameters * BITS[quant] / 8 * 1.01) + 20 * 10**6
     merged_bytes = parameters * (4 if quant == "f32" else 2) if source.kind == "adapter" else 0
-    check_disk_space(out.parent if out.parent.exists() else Path("."), gguf_bytes + merged_bytes,
-                     f"the {quant} GGUF ({merge_cmd.fmt_bytes(gguf_bytes)}) and the merged model it is made from",
-                     where="--out")
+    check_disk(out, gguf_bytes + merged_bytes, quant)
     console.print(f"Exporting {source.path} ({source.kind}, {parameters:,} parameters) to GGUF {quant}: about "
                   f"{merge_cmd.fmt_bytes(gguf_bytes)}", highlight=False)
     merged_tmp = out.parent / f".{out.name}.merged-{os.getpid()}"
@@ -480,6 +477,18 @@ def export(path: str | Path, out: str | Path, fmt: str = "gguf", quant: str = "f
     for line in serve_commands("gguf", out / info["file"]):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     return info
+
+
+def check_disk(out: Path, need: int, quant: str) -> None:
+    """Fail before any work when the filesystem of `out` cannot hold the merged model and the GGUF."""
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UserError(f"the {quant} export needs about {merge_cmd.fmt_bytes(need)} of disk (the merged model and "
+                        f"the GGUF), {probe} has {merge_cmd.fmt_bytes(free)} free", where="--out",
+                        fix="Free some space, choose --out on a larger disk, or pick a smaller --quant")
 
 
 def _merge_console(console: Console) -> Console:
