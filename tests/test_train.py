@@ -200,3 +200,11 @@ def test_compile_layers_auto_compiles_only_models_large_enough_to_pay_it_back(tm
     mistral = load_recipe(REPO / "recipes" / "mistral7b.yaml")  # hidden size 4096
     assert resolve_compile(mistral, gpu) and not resolve_compile(mistral, cpu)
     assert resolve_compile(demo_recipe(tmp_path, "training.compile_layers=true"), cpu)  # asked for: always
+
+
+def test_the_comparison_table_shows_the_users_text_without_the_prompt_template() -> None:
+    from qlora_cli.commands.train import shown_prompt
+
+    template = "Bank customer request: {prompt}\nIntent:"
+    assert shown_prompt(template.format(prompt="cancel my\nstanding order"), template) == "cancel my standing order"
+    assert shown_prompt("a" * 100, None, width=10) == "…" + "a" * 9

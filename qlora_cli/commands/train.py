@@ -328,6 +328,10 @@ def make_progress_callback(run: RunDir, device: Device, console: Console) -> Tra
                 self.progress.update(self.task, completed=state.global_step)
 
         def on_evaluate(self, args, state, control, **kwargs):
+            if state.global_step == 0 and self.first:  # eval_on_start: evaluation time, not the first step's
+                self.clock.other_s += time.perf_counter() - self.last[0]
+                self._mark(state)
+                return
             self.eval_or_save = True
 
         def on_save(self, args, state, control, **kwargs):
@@ -707,13 +711,23 @@ def compare_base_and_adapter(recipe: Recipe, prepared: datamod.PreparedData, mod
     table.add_column("base model")
     table.add_column("with adapter")
     for i in range(min(5, len(refs))):
-        table.add_row(prompts[i][-60:].replace("\n", " "), refs[i], base[i][:30],
+        table.add_row(shown_prompt(prompts[i], recipe.data.prompt_template), refs[i], base[i][:30],
                       Text(tuned[i][:30], style="green" if tuned[i] == refs[i] else "red"))
     console.print(table)
     console.print(f"accuracy: base {base_scores.accuracy:.1%}  ->  adapter {tuned_scores.accuracy:.1%}   "
                   f"(macro-F1 {base_scores.macro_f1:.3f} -> {tuned_scores.macro_f1:.3f})")
     return {"n": len(refs), "base_accuracy": base_scores.accuracy, "adapter_accuracy": tuned_scores.accuracy,
             "base_macro_f1": base_scores.macro_f1, "adapter_macro_f1": tuned_scores.macro_f1}
+
+
+def shown_prompt(prompt: str, template: str | None, width: int = 60) -> str:
+    """The user's text of a formatted prompt (the recipe's prompt_template around it removed), on one line."""
+    if template and template.count("{prompt}") == 1:
+        before, after = template.split("{prompt}")
+        if prompt.startswith(before) and prompt.endswith(after):
+            prompt = prompt[len(before):len(prompt) - len(after)]
+    prompt = " ".join(prompt.split())
+    return prompt if len(prompt) <= width else "…" + prompt[-(width - 1):]
 
 
 def print_summary(summary: dict[str, Any], run: RunDir, console: Console) -> None:
