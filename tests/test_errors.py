@@ -428,7 +428,8 @@ def test_long_examples_are_truncated_and_counted(tmp_path: Path, capsys) -> None
         cli_run(train_argv(tmp_path, f"data.source={src}", "data.max_length=32", extra=("--dry-run",)))
     out = " ".join(capsys.readouterr().out.split())  # the console wraps at 80 columns
     assert e.value.code in (0, None)
-    assert "1 training example(s) are longer than max_length=32 tokens and will be truncated" in out
+    assert ("1 training example(s) are longer than max_length=32 tokens; their prompts are cut from the left so "
+            "the answer is kept") in out
 
 
 def test_rows_with_empty_fields_are_skipped_and_counted(tmp_path: Path, capsys) -> None:
