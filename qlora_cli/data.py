@@ -321,13 +321,11 @@ def _assistant_span(text: str, start: int, end: int, content: str, tokenizer: Pr
     if found < 0:
         return start, end
     content_end = found + len(body)
-    ends = [t for t in dict.fromkeys([tokenizer.eos_token, *tokenizer.all_special_tokens]) if t]
     tail = text[content_end:end]
-    hits = [(tail.find(t), t) for t in ends if tail.find(t) >= 0 and not tail[: tail.find(t)].strip()]
-    if hits:
-        offset, token = min(hits, key=lambda h: (h[0], -len(h[1])))
-        return start, content_end + offset + len(token)
-    return start, content_end
+    offset = len(tail) - len(tail.lstrip())  # the end token may follow whitespace, nothing else
+    ends = [t for t in dict.fromkeys([tokenizer.eos_token, *tokenizer.all_special_tokens])
+            if t and tail.startswith(t, offset)]
+    return start, content_end + (offset + max(map(len, ends)) if ends else 0)
 
 
 def fit_to_length(fmt: str, ids: list[int], mask: list[int], max_length: int, bos_id: int | None

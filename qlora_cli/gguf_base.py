@@ -85,12 +85,12 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def check_supported(path: Path, key: str = "model.name_or_path") -> dict[str, Any]:
-    """The file's header, or one clear error for an architecture or tensor type transformers cannot read."""
+    """The header of a GGUF file (checked by _check_file), or one clear error for an architecture or tensor type
+    transformers cannot read."""
     import gguf
     from gguf.quants import _type_traits  # the types gguf-py can dequantize
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    _check_file(path, key)
     info = describe(path)
     arch = info["architecture"]
     readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
@@ -99,8 +99,7 @@ def check_supported(path: Path, key: str = "model.name_or_path") -> dict[str, An
                         fix=f"Use a GGUF file of one of {', '.join(readable)}, or the model's Hugging Face folder")
     plain = {"F32", "F16", "BF16", "I8", "I16", "I32", "I64", "F64"}
     known = plain | {t.name for t in _type_traits}
-    bad = sorted(t for t in info["tensor_types"] if t not in known and t in gguf.GGMLQuantizationType.__members__)
-    bad += sorted(t for t in info["tensor_types"] if t not in gguf.GGMLQuantizationType.__members__)
+    bad = sorted(t for t in info["tensor_types"] if t not in known)
     if bad:
         raise UserError(f"{path.name} holds tensors of type {', '.join(bad)}, which gguf {gguf.__version__} cannot "
                         "dequantize", where=key,
@@ -109,16 +108,17 @@ def check_supported(path: Path, key: str = "model.name_or_path") -> dict[str, An
     return info
 
 
-def folder_for(path: Path) -> Path:
+def folder_for(path: Path, sha256: str | None = None) -> Path:
     """The cached Hugging Face folder of a GGUF file (it may not exist yet)."""
-    return cache_dir() / "gguf" / f"{path.stem}-{file_sha256(path)[:16]}"
+    return cache_dir() / "gguf" / f"{path.stem}-{(sha256 or file_sha256(path))[:16]}"
 
 
 def ensure_hf_folder(path: str | Path, key: str = "model.name_or_path") -> Path:
     """The cached Hugging Face folder for a GGUF file, made on first use (about 30 s for a 135M model)."""
     path = Path(path).expanduser()
     _check_file(path, key)
-    folder = folder_for(path)
+    sha256 = file_sha256(path)
+    folder = folder_for(path, sha256)
     if (folder / "qlora-gguf.json").is_file():
         return folder
     info = check_supported(path, key)
@@ -154,7 +154,7 @@ def ensure_hf_folder(path: str | Path, key: str = "model.name_or_path") -> Path:
     with atomic_dir(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        record = {"source": str(path.resolve()), "sha256": file_sha256(path), "bytes": path.stat().st_size,
+        record = {"source": str(path.resolve()), "sha256": sha256, "bytes": path.stat().st_size,
                   "dequantized_to": "bfloat16", "seconds": round(time.perf_counter() - t0, 1),
                   "format_version": FORMAT_VERSION, **info}
         (tmp / "qlora-gguf.json").write_text(json.dumps(record, indent=2) + "\n")

