@@ -4,8 +4,9 @@ Built on the ``gguf`` package (llama.cpp's own gguf-py): :class:`gguf.GGUFWriter
 maps give llama.cpp's names, and its numpy quantizers (tested by llama.cpp against ggml's reference code) produce
 the blocks. What llama.cpp's ``convert_hf_to_gguf.py`` does for Llama, Mistral and Qwen2 is done here the same way:
 the rotary halves of q/k projections are permuted for the ``llama`` architecture, 1-D tensors stay in F32, rows
-that do not fill whole blocks fall back to F16, and the tokenizer becomes a ``gpt2`` (byte-level BPE) vocabulary
-with its merges, special tokens, BOS/EOS behaviour, pre-tokenizer name and chat template.
+that do not fill whole blocks fall back to F16, and the tokenizer becomes a ``gpt2`` (byte-level BPE) or ``llama``
+(SentencePiece-style BPE with byte fallback) vocabulary with its merges, special tokens, BOS/EOS behaviour,
+pre-tokenizer name and chat template.
 
 Tensors are streamed: the header is written from shapes alone, then each tensor is read, converted and written,
 so memory holds one tensor at a time (a 7B model converts in a few GB of RAM).
@@ -73,7 +74,7 @@ def check_quant(quant: str) -> str:
 
 @dataclass
 class Vocabulary:
-    model: str  # tokenizer.ggml.model
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE)
     pre: str  # tokenizer.ggml.pre
     tokens: list[str]
     types: list[int]
@@ -82,6 +83,8 @@ class Vocabulary:
     add_bos: bool
     add_eos: bool
     chat_template: str | None
+    scores: list[float] | None = None  # "llama": the merge priority of each token (llama.cpp merges by score)
+    add_space_prefix: bool | None = None  # "llama": a text starts with "▁" (SentencePiece's dummy prefix)
 
 
 def _pre_tokenizer_name(spec: dict[str, Any] | None, where: str) -> str:
@@ -113,8 +116,23 @@ def measured_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[bool, b
     return adds_bos, adds_eos
 
 
+def _merge_scores(merges: list[str]) -> dict[str, float]:
+    """Token -> -(rank of the first merge that makes it): llama.cpp's SentencePiece tokenizer merges the adjacent
+    pair whose result scores highest, so these scores replay Hugging Face's BPE merges in their order."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(merges):
+        scores.setdefault(merge.replace(" ", ""), -float(rank))
+    return scores
+
+
 def vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Vocabulary:
-    """The GGUF vocabulary of a byte-level BPE tokenizer (tokenizer.json), padded to the embedding's rows."""
+    """The GGUF vocabulary of a BPE tokenizer (tokenizer.json), padded to the embedding's rows.
+
+    Byte-level BPE (Llama 3, Qwen2, SmolLM2) becomes llama.cpp's ``gpt2`` vocabulary with its merges and
+    pre-tokenizer name. SentencePiece-style BPE with byte fallback (Llama 2, Mistral 7B) becomes its ``llama``
+    vocabulary: "▁" for spaces, ``<0xXX>`` byte tokens, and scores that replay the merges in order (the merges are
+    written too, so transformers' GGUF loader rebuilds the same tokenizer).
+    """
     import gguf
 
     where = str(model_dir / "tokenizer.json")
@@ -124,35 +142,48 @@ def vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase, vocab_size: 
         raise UserError(f"{model_dir} has no tokenizer.json", where=str(model_dir),
                         fix="Save the model with a fast tokenizer (tokenizer.save_pretrained)") from None
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style BPE with byte fallback (as in Mistral 7B and Llama 2)" \
-            if model.get("byte_fallback") else f"a {model.get('type')} model"
-        raise UserError(f"the tokenizer is {kind}; qlora writes byte-level BPE vocabularies (Llama 3, Qwen2, "
-                        "SmolLM2)", where=where,
+    if model.get("type") != "BPE":
+        raise UserError(f"the tokenizer is a {model.get('type')} model; qlora writes BPE vocabularies (Llama, "
+                        "Mistral, Qwen2, SmolLM2)", where=where,
                         fix="Export --format hf and convert it with llama.cpp's convert_hf_to_gguf.py")
-    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), where)
+    sentencepiece = bool(model.get("byte_fallback"))
+    pre = "default" if sentencepiece else _pre_tokenizer_name(spec.get("pre_tokenizer"), where)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
     if len(by_id) > vocab_size:
         raise UserError(f"the tokenizer has {len(by_id)} tokens but the model's embedding only {vocab_size} rows",
                         where=where, fix="Resize the token embeddings to the tokenizer before merging")
+    added = tokenizer.added_tokens_decoder
+    ranks = _merge_scores(merges) if sentencepiece else {}
+    unk = tokenizer.unk_token_id
+    tokens, types, scores = [], [], []
+    for i in range(vocab_size):
+        token, score = by_id.get(i, f"[PAD{i}]"), 0.0
+        if i not in by_id:
+            kind = gguf.TokenType.UNUSED
+        elif i in added and not (sentencepiece and i == unk):
+            token = added[i].content
+            kind = gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
+        elif sentencepiece and i == unk:
+            kind = gguf.TokenType.UNKNOWN
+        elif sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            kind = gguf.TokenType.BYTE  # llama.cpp's byte fallback looks these up by type
+        else:
+            kind = gguf.TokenType.NORMAL
+            # A piece no merge makes must not be merged into by llama.cpp before the pieces merges do make.
+            score = ranks.get(token, 0.0 if len(token) == 1 else -1e9) if sentencepiece else 0.0
+        tokens.append(token)
+        types.append(kind)
+        scores.append(score)
     special = {name: tid for name in ("bos", "eos", "unk", "pad", "sep")
                if (tid := getattr(tokenizer, f"{name}_token_id", None)) is not None}
     add_bos, add_eos = measured_special_tokens(tokenizer)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    return Vocabulary("gpt2", pre, tokens, types, merges, special, add_bos, add_eos, template)
+    if not sentencepiece:
+        return Vocabulary("gpt2", pre, tokens, types, merges, special, add_bos, add_eos, template)
+    first = tokenizer("a", add_special_tokens=False)["input_ids"]
+    prefix = bool(first) and by_id.get(first[0], "").startswith("\u2581")
+    return Vocabulary("llama", pre, tokens, types, merges, special, add_bos, add_eos, template, scores, prefix)
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -334,8 +365,12 @@ def write_gguf(model_dir: str | Path, path: str | Path, quant: str, name: str) -
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     for key, tid in vocab.special.items():
         getattr(writer, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
                          "pad": "add_pad_token_id", "sep": "add_sep_token_id"}[key])(tid)
@@ -366,5 +401,5 @@ def write_gguf(model_dir: str | Path, path: str | Path, quant: str, name: str) -
     from collections import Counter
 
     return {"architecture": arch.lower(), "quant": quant, "tensors": len(plans) + len(extra),
-            "tensor_types": dict(Counter(p.type for p in plans)), "tokenizer_pre": vocab.pre,
+            "tensor_types": dict(Counter(p.type for p in plans)), "tokenizer": vocab.model, "tokenizer_pre": vocab.pre,
             "add_bos": vocab.add_bos, "vocab_size": config.vocab_size, "bytes": path.stat().st_size}

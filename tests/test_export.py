@@ -219,3 +219,91 @@ def test_each_architecture_reads_back_with_the_same_logits(model_type, tiny_mode
         got = runner.logits_many([ids[0].tolist()])[0]
         assert (np.argmax(got, -1) == want.argmax(-1).numpy()).mean() >= 0.95
         assert np.abs(got - want.detach().numpy()).max() < 0.05 * want.abs().max().item()
+
+
+def sentencepiece_tokenizer(corpus: list[str], vocab_size: int):
+    """A Llama 2 / Mistral 7B style tokenizer: SentencePiece BPE ("▁" for spaces, byte fallback to <0xXX>), built
+    as transformers 5 builds theirs (LlamaTokenizer from a vocabulary and merges), on the intents' words."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+    trained = json.loads(bpe.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)])}
+    for token, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    return LlamaTokenizer(vocab=vocab, merges=[tuple(m) for m in trained["merges"]], add_bos_token=True)
+
+
+def llama_cpp_spm(text: str, tokens: list[str], scores: list[float]) -> list[int]:
+    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm), written out: a space prefix, spaces as "▁", then the
+    adjacent pair whose joined piece scores highest (leftmost on ties) is merged until none is in the vocabulary;
+    pieces left that are not in it become <0xXX> byte tokens."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    symbols = list((" " + text).replace(" ", "\u2581"))
+    while True:
+        pairs = [(scores[ids[a + b]], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:])) if a + b in ids]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [j for s in symbols for j in ([ids[s]] if s in ids else [ids[f"<0x{b:02X}>"] for b in s.encode()])]
+
+
+def test_sentencepiece_tokenizers_are_written_as_llama_vocabularies(tmp_path):
+    """Mistral 7B and Llama 2 tokenize with SentencePiece-style BPE and byte fallback. Their GGUF gets llama.cpp's
+    `llama` vocabulary: byte tokens typed BYTE, scores that replay the merges in order, the dummy "▁" prefix and
+    BOS. Read back by transformers (and by llama.cpp when installed), every text tokenizes as the original does,
+    including characters the vocabulary lacks (byte fallback), doubled spaces, tabs and newlines."""
+    import json
+
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_cli.gguf_export import write_gguf
+
+    rows = (REPO / "data/intents/train.jsonl").read_text(encoding="utf-8").splitlines()
+    corpus = [" ".join(json.loads(r).values()) for r in rows]
+    tokenizer = sentencepiece_tokenizer(corpus, 600)
+    config = AutoConfig.for_model("mistral", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, tie_word_embeddings=False,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    info = write_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f16", "tiny-mistral-spm")
+    assert (info["tokenizer"], info["tokenizer_pre"], info["add_bos"]) == ("llama", "default", True)
+
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    types = list(fields["tokenizer.ggml.token_type"].contents())
+    tokens = list(fields["tokenizer.ggml.tokens"].contents())
+    assert types[tokens.index("<0x41>")] == gguf.TokenType.BYTE and types[0] == gguf.TokenType.UNKNOWN
+    assert types[tokenizer.bos_token_id] == types[tokenizer.eos_token_id] == gguf.TokenType.CONTROL
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    scores = list(fields["tokenizer.ggml.scores"].contents())
+
+    texts = [json.loads(r)["prompt"] for r in rows[:40]] + [
+        "Bank customer request: I lost my card 1234, what now?\nIntent: card_lost",
+        "Café €5 — naïve 日本 🙂 ÿ", "two  spaces,\ttab and  trailing ", "xyzzy QQQ zzz transfer transferred"]
+    want = [tokenizer(t)["input_ids"] for t in texts]
+    assert any(tokenizer.convert_ids_to_tokens(ids).count("<0xC3>") for ids in want)  # byte fallback exercised
+    # llama.cpp's algorithm on the written tokens and scores gives the Hugging Face tokenizer's pieces
+    assert [[tokenizer.bos_token_id, *llama_cpp_spm(t, tokens, scores)] for t in texts] == want
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert [back(t)["input_ids"] for t in texts] == want
+    ids = torch.tensor([want[-3]])
+    logits = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(ids).logits[0]
+    read = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)(ids).logits[0]
+    assert (read - logits).abs().max() < 1e-3
+    if LLAMA_CPP:
+        from qlora_cli.commands.export import LlamaCppRunner
+
+        runner = LlamaCppRunner(tmp_path / "m.gguf")
+        assert [runner.tokenize(t, add_special=True) for t in texts] == want
