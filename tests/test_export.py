@@ -144,36 +144,27 @@ def test_smollm2_modelfile_template_matches_its_chat_template():
         assert mf.render(modelfile.template, convo, system=modelfile.system) == want
 
 
-@pytest.fixture(scope="module")
-def smollm2_run(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct fine-tuned for 3 steps on the intents data (4-bit base, CPU): a real adapter, cheaply."""
-    from qlora_cli.commands.train import train
-    from qlora_cli.recipe import load_recipe
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_smollm2_round_trip(smollm2_run, tmp_path, console, quant):
+    """conftest's real SmolLM2 fine-tune (40 steps on the intents) exported and read back, on 96 held-out rows.
 
-    tmp = tmp_path_factory.mktemp("smollm2")
-    held_out = tmp / "eval.jsonl"  # 16 held-out rows: the run's evaluation and the export's checks use them
-    lines = (REPO / "data/intents/eval.jsonl").read_text(encoding="utf-8").splitlines()
-    held_out.write_text("\n".join(lines[::12][:16]) + "\n", encoding="utf-8")
-    out = tmp / "run"
-    recipe = load_recipe(REPO / "recipes" / "smollm2-intents.yaml", [
-        f"model.name_or_path={smollm2_gguf()}", f"data.source={REPO / 'data/intents/train.jsonl'}",
-        f"data.eval_source={held_out}", f"training.output_dir={out}",
-        "training.max_steps=3", "training.per_device_train_batch_size=4", "training.warmup_steps=0",
-        "training.sft_args.eval_on_start=false",
-        "training.eval_steps=100", "training.save_steps=100", "evaluation.compare_after_training=0",
-    ])
-    train(recipe, Console(quiet=True))
-    return out
-
-
-@pytest.mark.parametrize("quant, greedy", [("f16", 1.0), ("q8_0", 0.98)])
-def test_smollm2_round_trip(smollm2_run, tmp_path, console, quant, greedy):
+    f16: through transformers every greedy answer is the merged model's; llama.cpp computes on f16 activations and
+    may break a tie the other way. q8_0: at least 95 % of answers are identical token for token (192 rows measured:
+    97.9 % transformers, 95.8 % llama.cpp), and every answer that differs parts where the merged model itself was
+    undecided: its two best tokens closer than the logit differences the file shows. Rows like that are the
+    adapter's ~50/50 labels; better-trained adapters have fewer (200 steps: 99.0 % identical with both loaders).
+    """
     out = tmp_path / f"smollm2-{quant}"
-    info = export_cmd.export(smollm2_run, out, quant=quant, rows=16, console=console)
-    assert info["architecture"] == "llama" and info["tokenizer_pre"] == "gpt-2"
+    info = export_cmd.export(smollm2_run[0].path, out, quant=quant, rows=96, console=console)
+    assert info["architecture"] == "llama" and (info["tokenizer"], info["tokenizer_pre"]) == ("gpt2", "gpt-2")
     for check in info["verification"]:
         assert check["tokens_match"] and not check["failures"], check
-        assert check["greedy"] >= greedy, check
+        identical = check["greedy_same"] / check["prompts"]
+        if quant == "f16":
+            assert identical == 1.0 if check["loader"] == "transformers" else identical >= 0.98, check
+        else:
+            assert identical >= 0.95, check
+        assert check["greedy_same"] + check["greedy_ties"] == check["prompts"], check
     modelfile = (out / "Modelfile").read_text()
     assert "Bank customer request: {{ .Prompt }}\nIntent:" in modelfile and 'stop "<|im_end|>"' in modelfile
 

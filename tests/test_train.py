@@ -208,3 +208,25 @@ def test_the_comparison_table_shows_the_users_text_without_the_prompt_template()
     template = "Bank customer request: {prompt}\nIntent:"
     assert shown_prompt(template.format(prompt="cancel my\nstanding order"), template) == "cancel my standing order"
     assert shown_prompt("a" * 100, None, width=10) == "…" + "a" * 9
+
+
+def test_an_evaluation_at_the_last_step_is_not_run_again_after_training(tmp_path: Path, console) -> None:
+    """The eval schedule here ends on the last step: its loss is the run's final eval loss, and training does not
+    evaluate the same weights a second time (19 s of the CPU demo's 4 minutes)."""
+    from transformers import TrainerCallback
+
+    class Evaluations(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+            self.losses: list[float] = []
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.steps.append(state.global_step)
+            self.losses.append(metrics["eval_loss"])
+
+    seen = Evaluations()
+    recipe = demo_recipe(tmp_path, "training.max_steps=4", "training.eval_steps=2", "training.save_steps=100",
+                         "evaluation.compare_after_training=0", "training.sft_args={}")
+    summary = train(recipe, console, callbacks=[seen])
+    assert seen.steps == [2, 4]
+    assert summary["final_eval_loss"] == pytest.approx(seen.losses[-1])

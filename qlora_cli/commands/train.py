@@ -488,6 +488,16 @@ def resume_run_dir(run: RunDir, recipe: Recipe, checkpoint: Path) -> None:
         atomic_write_text(run.recipe, recipe.to_yaml())
 
 
+def final_evaluation(trainer: Any) -> dict[str, float]:
+    """The eval metrics of the trained adapter: those of an evaluation that already ran at the last step (the
+    schedule often ends on one), else a new evaluation. With load_best_model_at_end the weights may have changed
+    since, so it always evaluates."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step and not trainer.args.load_best_model_at_end:
+        return {k: v for k, v in last.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
 def train(recipe: Recipe, console: Console, overwrite: bool = False,
           callbacks: list[TrainerCallback] | None = None, resume: bool | str | Path = False,
           force: bool = False, command: str | None = None) -> dict[str, Any]:
@@ -595,7 +605,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
                           f"training stopped by {stop_signal.name} at step {step} of {trainer.state.max_steps}; "
                           f"checkpoint saved in {run.checkpoints / f'checkpoint-{step}'}",
                           where=str(run.path), fix=f"Resume with: {command} --resume")
-    final_eval = trainer.evaluate() if prepared.eval is not None else {}
+    final_eval = final_evaluation(trainer) if prepared.eval is not None else {}
     if final_eval:
         console.print(f"final eval_loss {final_eval['eval_loss']:.4f}")
     if uses_fsdp(recipe):  # gather the sharded adapter into one state dict before saving
