@@ -298,3 +298,13 @@ def test_sentencepiece_tokenizers_are_written_as_llama_vocabularies(tmp_path):
 
         runner = LlamaCppRunner(tmp_path / "m.gguf")
         assert [runner.tokenize(t, add_special=True) for t in texts] == want
+        # After a special token llama.cpp puts sentencepiece's "▁" prefix, transformers 5 does not: a note, since
+        # the file is right; the weights are still compared on the Hugging Face ids.
+        from qlora_cli.commands.export import THRESHOLDS, HFRunner, Rows, check_against
+
+        rows = Rows(["lost card</s>lost card"], ["lost card</s>lost"], True, "1 row", 4)
+        reference = HFRunner(AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32), tokenizer)
+        check = check_against("llama.cpp", reference, runner, rows, tokenizer.eos_token_id, THRESHOLDS["f16"], True,
+                              {}, sentencepiece=True)
+        assert not check.tokens_match and "prefix" in check.warnings[0]
+        assert not [f for f in check.failures if "tokenizes" in f] and check.top1 > 0.99
