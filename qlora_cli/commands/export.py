@@ -412,6 +412,7 @@ def write_card(directory: Path, name: str, info: dict[str, Any]) -> None:
         f"| {c['loader']} | {'same' if c['tokens_match'] else 'different'} | {c['top1']:.1%} | {c['kl']:.2e} | "
         f"{c['max_logit_diff']:.3g} | {c['greedy_same']}/{c['prompts']} |" for c in info["verification"])
     t = info["thresholds"]
+    notes = "".join(f"\nNote ({c['loader']}): {w}.\n" for c in info["verification"] for w in c.get("warnings", []))
     text = f"""---
 base_model: {info["base"]}
 tags:
@@ -437,7 +438,7 @@ Checked against the merged model on {info["verification_rows"]} before this fold
 {checks}
 
 Thresholds for {info["quant"]}: top-1 >= {t["top1"]:.1%}, KL <= {t["kl"]:g}{_greedy_rule(t)}.
-"""
+{notes}"""
     (directory / "README.md").write_text(text, encoding="utf-8")
 
 
