@@ -161,11 +161,11 @@ def vocabulary(model_dir: Path, tokenizer: PreTrainedTokenizerBase, vocab_size: 
         token, score = by_id.get(i, f"[PAD{i}]"), 0.0
         if i not in by_id:
             kind = gguf.TokenType.UNUSED
-        elif i in added and not (sentencepiece and i == unk):
-            token = added[i].content
-            kind = gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
         elif sentencepiece and i == unk:
             kind = gguf.TokenType.UNKNOWN
+        elif i in added:
+            token = added[i].content
+            kind = gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED
         elif sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
             kind = gguf.TokenType.BYTE  # llama.cpp's byte fallback looks these up by type
         else:

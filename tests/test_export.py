@@ -89,6 +89,18 @@ def test_failed_check_leaves_nothing(trained_run, tmp_path, console, monkeypatch
     assert list(tmp_path.iterdir()) == []  # no GGUF, no hidden partial folder, no temporary merge
 
 
+def test_too_little_disk_is_refused_before_any_work(trained_run, tmp_path, console, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(UserError, match=r"the q8_0 export \(the merged model and the GGUF\) needs about [\d.]+ MB "
+                                        r"of disk, .* has 1.00 MB free"):
+        export_cmd.export(trained_run[0].path, tmp_path / "out", quant="q8_0", console=console)
+    assert not list(tmp_path.iterdir())  # no merge, no partial folder
+
+
 def test_hf_format_is_the_merge_with_serving_commands(trained_run, tmp_path, console):
     out = tmp_path / "merged"
     export_cmd.export(trained_run[0].path, out, fmt="hf", console=console)

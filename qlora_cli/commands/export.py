@@ -476,7 +476,9 @@ def export(path: str | Path, out: str | Path, fmt: str = "gguf", quant: str = "f
     parameters = parameter_count(source, base)
     gguf_bytes = int(parameters * BITS[quant] / 8 * 1.01) + 20 * 10**6
     merged_bytes = parameters * (4 if quant == "f32" else 2) if source.kind == "adapter" else 0
-    check_disk(out, gguf_bytes + merged_bytes, quant)
+    merge_cmd.check_disk(out, gguf_bytes + merged_bytes,
+                         f"the {quant} export (the merged model and the GGUF)",
+                         fix="Free some space, choose --out on a larger disk, or pick a smaller --quant")
     console.print(f"Exporting {source.path} ({source.kind}, {parameters:,} parameters) to GGUF {quant}: about "
                   f"{merge_cmd.fmt_bytes(gguf_bytes)}", highlight=False)
     merged_tmp = out.parent / f".{out.name}.merged-{os.getpid()}"
@@ -496,18 +498,6 @@ def export(path: str | Path, out: str | Path, fmt: str = "gguf", quant: str = "f
     for line in serve_commands("gguf", out / info["file"]):
         console.print(f"  {line}", highlight=False, soft_wrap=True)
     return info
-
-
-def check_disk(out: Path, need: int, quant: str) -> None:
-    """Fail before any work when the filesystem of `out` cannot hold the merged model and the GGUF."""
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise UserError(f"the {quant} export needs about {merge_cmd.fmt_bytes(need)} of disk (the merged model and "
-                        f"the GGUF), {probe} has {merge_cmd.fmt_bytes(free)} free", where="--out",
-                        fix="Free some space, choose --out on a larger disk, or pick a smaller --quant")
 
 
 def _merge_console(console: Console) -> Console:

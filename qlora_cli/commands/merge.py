@@ -300,15 +300,16 @@ def choose_device(wanted: str, need: int, console: Console) -> str:
     return "cpu"
 
 
-def check_disk(out: Path, need: int) -> None:
-    """Fail before any work when the filesystem of `out` has less free space than the shards need."""
+def check_disk(out: Path, need: int, what: str = "the merged model",
+               fix: str = "Free some space or choose --out on a larger disk") -> None:
+    """Fail before any work when the filesystem of `out` has less free space than `what` needs."""
     probe = out.parent
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < need:
-        raise UserError(f"the merged model needs about {fmt_bytes(need)} of disk, {probe} has {fmt_bytes(free)} free",
-                        where="--out", fix="Free some space or choose --out on a larger disk")
+        raise UserError(f"{what} needs about {fmt_bytes(need)} of disk, {probe} has {fmt_bytes(free)} free",
+                        where="--out", fix=fix)
 
 
 def leftover_partials(out: Path) -> list[Path]:
