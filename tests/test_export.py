@@ -184,23 +184,31 @@ def test_smollm2_round_trip(smollm2_run, tmp_path, console, quant):
 # -------------------------------------------------------------------------------- architectures we ship recipes for
 
 
+def small_model(model_type: str, tokenizer):
+    """A 2-layer bf16 model of `model_type` with random weights (seed 0) and the tokenizer's vocabulary."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, tie_word_embeddings=False,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_each_architecture_reads_back_with_the_same_logits(model_type, tiny_model_dir, tmp_path):
     """A small random model of each shipped architecture (Qwen2 with its q/k/v biases), written as f16 GGUF, is
     read back by transformers (and run by llama.cpp when installed) with the logits of the original."""
     import numpy as np
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_cli.gguf_export import write_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=256, tie_word_embeddings=False,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = small_model(model_type, tokenizer)
     if model_type == "qwen2":
         for layer in model.model.layers:  # random biases, so a misplaced bias shows
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -266,19 +274,14 @@ def test_sentencepiece_tokenizers_are_written_as_llama_vocabularies(tmp_path):
 
     import gguf
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora_cli.gguf_export import write_gguf
 
     rows = (REPO / "data/intents/train.jsonl").read_text(encoding="utf-8").splitlines()
     corpus = [" ".join(json.loads(r).values()) for r in rows]
     tokenizer = sentencepiece_tokenizer(corpus, 600)
-    config = AutoConfig.for_model("mistral", vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=256, tie_word_embeddings=False,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
+    small_model("mistral", tokenizer).save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     info = write_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f16", "tiny-mistral-spm")
