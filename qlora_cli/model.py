@@ -259,6 +259,9 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, **compil
 
 def uncompile_layers(model: torch.nn.Module) -> None:
     """Back to eager layers (generation with a KV cache would recompile for every new length)."""
+    from .nf4 import use_bitsandbytes_forward
+
+    use_bitsandbytes_forward(model)  # bitsandbytes' own kernels are the fast ones for generation's small batches
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
 

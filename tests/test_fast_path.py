@@ -131,10 +131,11 @@ def compile_backend() -> str:
     return "inductor" if DEVICE.is_cuda or shutil.which("cc") or shutil.which("gcc") else "aot_eager"
 
 
-def lora_model(recipe, compiled: bool, precision: str = "bf16"):
+def lora_model(recipe, compiled: bool, precision: str = "bf16", nf4_in_graph: bool = False):
     from peft import get_peft_model
 
     from qlora_cli.model import compile_layers
+    from qlora_cli.nf4 import use_compiled_dequantization
 
     model = load_model(recipe, DEVICE, precision)
     torch.manual_seed(0)
@@ -146,8 +147,10 @@ def lora_model(recipe, compiled: bool, precision: str = "bf16"):
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     model.train()
-    if compiled:
-        assert compile_layers(model, backend=compile_backend()) == 2
+    if nf4_in_graph:
+        assert use_compiled_dequantization(model) == 14  # 7 projections x 2 layers
+    if compiled:  # fullgraph: the whole layer, LoRA and 4-bit matmuls included, is one graph
+        assert compile_layers(model, backend=compile_backend(), fullgraph=nf4_in_graph) == 2
     return model  # load_model placed it on the GPU, if any
 
 
@@ -180,6 +183,43 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(examples, tiny_model_
         cosine = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
         assert cosine > 0.995, (name, cosine)
         assert (b.norm() / a.norm()).item() == pytest.approx(1.0, abs=0.02), name
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_weights_dequantized_in_torch_ops_are_the_weights_bitsandbytes_dequantizes(double_quant: bool) -> None:
+    """`training.compile_nf4` dequantizes inside the compiled graph with torch ops (qlora_cli/nf4.py); they must
+    give bitsandbytes' weights bit for bit, nested absmax (`bnb_4bit_use_double_quant`) or not, including a
+    weight whose absmax count is not a multiple of the 256 the nested quantization groups them by."""
+    from bitsandbytes import functional as bnbf
+
+    from qlora_cli.nf4 import dequantize, state_parts
+
+    torch.manual_seed(0)
+    for shape in [(64, 128), (300, 4096), (96, 64 * 257)]:
+        weight = torch.randn(shape, dtype=torch.bfloat16, device=DEVICE.type)
+        packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        absmax, code, *nested = state_parts(state)
+        ours = dequantize(packed, absmax, code, state.blocksize, tuple(state.shape), torch.bfloat16, *nested)
+        assert torch.equal(ours, bnbf.dequantize_4bit(packed, state)), shape
+
+
+def test_layers_dequantizing_nf4_in_the_compiled_graph_give_the_bitsandbytes_loss_and_gradients(examples) -> None:
+    """The fast path CUDA training takes (compiled layers, NF4 dequantized in the graph) computes the step of
+    bitsandbytes' eager layers: in fp32 (no bf16 rounding to tell apart) the same loss and gradients, and the
+    layer compiles as one graph. Back to bitsandbytes' forward for generation after `uncompile_layers`."""
+    from qlora_cli.model import uncompile_layers
+
+    recipe, tokenizer, rows = examples
+    batch = packed_batch(tokenizer, rows)
+    loss_bnb, grads_bnb = seeded_step(lora_model(recipe, compiled=False, precision="fp32"), batch)
+    fast = lora_model(recipe, compiled=True, precision="fp32", nf4_in_graph=True)
+    loss_fast, grads_fast = seeded_step(fast, batch)
+    assert loss_fast == pytest.approx(loss_bnb, rel=1e-5)
+    assert grads_fast.keys() == grads_bnb.keys() and len(grads_bnb) == 28
+    for name, a in grads_bnb.items():
+        assert ((grads_fast[name] - a).norm() / a.norm()).item() < 1e-4, name
+    uncompile_layers(fast)
+    assert not any("forward" in vars(m) for m in fast.modules())
 
 
 def test_compiled_layers_recompute_the_same_dropout_under_checkpointing(tmp_path: Path, examples) -> None:

@@ -36,6 +36,7 @@ from ..model import (
     uses_fsdp,
     world_size,
 )
+from ..nf4 import use_compiled_dequantization
 from ..recipe import Recipe
 from ..reliability import (
     Interrupted,
@@ -176,7 +177,8 @@ def set_adapter_dtype(model: Any, dtype_name: str) -> None:
 
 def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
     """What the trainer's (PEFT-wrapped) model gets before training: adapters in the recipe's dtype, and the
-    decoder layers compiled where `training.compile_layers` says so; returns how many layers were compiled.
+    decoder layers compiled where `training.compile_layers` says so, their NF4 weights dequantized inside the
+    compiled graph (`training.compile_nf4`, qlora_cli/nf4.py); returns how many layers were compiled.
 
     Packed rows have one length (`shape_args`), so the layers are compiled for it; unpacked batches vary in
     length, so the layers are compiled for any length from the start (one compile instead of a static one and
@@ -186,6 +188,8 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if not resolve_compile(recipe, device, hidden):
         return 0
+    if recipe.training.compile_nf4:
+        use_compiled_dequantization(model)
     return compile_layers(model, dynamic=None if recipe.data.packing else True)
 
 

@@ -1,0 +1,131 @@
+"""NF4 weights dequantized inside the compiled decoder layers, instead of through bitsandbytes' Python ops.
+
+bitsandbytes runs a training-size NF4 matmul as its `gemm_4bit` op: Python code that dequantizes the nested
+absmax, the weights, then calls `F.linear`, and costs ~0.1-0.3 ms of CPU per call. A 7B step makes ~670 such calls
+(forward, recompute and backward of 7 projections x 32 layers), so the GPU waits on Python for part of every
+step (docs/performance.md). Here the same arithmetic (4-bit code -> NF4 value x block absmax, the absmax itself
+8-bit quantized when `bnb_4bit_use_double_quant`) is written in torch ops, so inductor fuses each dequantization
+into one kernel launched from its generated code, and the matmul is a plain `mm` in the compiled graph.
+
+Used only where it pays: compiled layers (`training.compile_layers`) on CUDA, NF4 weights in uint8 storage.
+The weights, checkpoints and saved adapters are unchanged; only the layers' forward differs.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
+) -> torch.Tensor:
+    """The weight bitsandbytes' `dequantize_4bit` returns, from its parts (for `torch.compile` to fuse).
+
+    `packed`: two 4-bit codes per byte, the first element in the high nibble; `code`: the 16 values (NF4 or FP4);
+    `absmax`: one scale per `blocksize` elements, or (nested) its 8-bit codes into `code2`, scaled per `blocksize2`
+    absmax values by `absmax2`, plus `offset`.
+    """
+    packed = packed.reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 15), dim=-1).reshape(-1).to(torch.int32)
+    values = code[codes]
+    if absmax2 is not None:
+        blocks = absmax.numel()
+        group = torch.arange(blocks, device=absmax.device) // blocksize2
+        absmax = code2[absmax.to(torch.int32)] * absmax2[group] + offset
+    weight = values.view(-1, blocksize) * absmax.float().view(-1, 1)
+    return weight.to(dtype).view(shape)
+
+
+def state_parts(quant_state: Any) -> tuple[torch.Tensor, ...]:
+    """The tensors `dequantize` reads from a bitsandbytes QuantState (absmax, code[, absmax2, code2, offset])."""
+    if quant_state.nested:
+        state2 = quant_state.state2
+        return quant_state.absmax, quant_state.code, state2.absmax, state2.code, quant_state.offset
+    return quant_state.absmax, quant_state.code
+
+
+class _FrozenNF4Linear(torch.autograd.Function):
+    """x @ W.T for a frozen 4-bit W: keeps only the packed weight for backward and dequantizes it again there
+    (as bitsandbytes does), so no 16-bit copy of W outlives the matmul."""
+
+    @staticmethod
+    def forward(ctx, x, packed, blocksize, shape, blocksize2, *parts):  # type: ignore[override]
+        ctx.meta = (blocksize, shape, blocksize2)
+        ctx.save_for_backward(packed, *parts)
+        return F.linear(x, _weight(packed, parts, blocksize, shape, blocksize2, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        packed, *parts = ctx.saved_tensors
+        blocksize, shape, blocksize2 = ctx.meta
+        weight = _weight(packed, parts, blocksize, shape, blocksize2, grad.dtype)
+        return (grad @ weight, None, None, None, None, *(None for _ in parts))
+
+
+def _weight(packed, parts, blocksize, shape, blocksize2, dtype) -> torch.Tensor:
+    absmax, code, *nested = parts
+    absmax2, code2, offset = nested if nested else (None, None, None)
+    return dequantize(packed, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
+
+
+def _forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`bnb.nn.Linear4bit.forward` with the weight dequantized in torch ops."""
+    state = self.weight.quant_state
+    input_dtype = x.dtype
+    dtype = self.compute_dtype or x.dtype
+    x = x.to(dtype)
+    blocksize2 = state.state2.blocksize if state.nested else 256
+    out = _FrozenNF4Linear.apply(
+        x, self.weight.data, state.blocksize, tuple(state.shape), blocksize2, *state_parts(state)
+    )
+    if self.bias is not None:
+        out = out + self.bias.to(dtype)
+    return out.to(input_dtype)
+
+
+def eligible(module: torch.nn.Module) -> bool:
+    """A bitsandbytes NF4 linear layer whose weights `dequantize` reads: uint8 storage, whole blocks."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return False
+    if not isinstance(module, Linear4bit):
+        return False
+    state = getattr(module.weight, "quant_state", None)
+    if state is None or state.quant_type != "nf4" or module.weight.dtype != torch.uint8:
+        return False
+    numel = 1
+    for d in state.shape:
+        numel *= d
+    return numel % state.blocksize == 0
+
+
+def use_compiled_dequantization(model: torch.nn.Module) -> int:
+    """Route every eligible NF4 linear layer through `_forward`; returns how many layers now use it."""
+    count = 0
+    for module in model.modules():
+        if eligible(module):
+            module.forward = types.MethodType(_forward, module)
+            count += 1
+    return count
+
+
+def use_bitsandbytes_forward(model: torch.nn.Module) -> None:
+    """Undo `use_compiled_dequantization` (eager generation: bitsandbytes' kernels are faster for small batches)."""
+    for module in model.modules():
+        if getattr(module, "forward", None) is not None and "forward" in vars(module):
+            if getattr(module.forward, "__func__", None) is _forward:
+                del module.forward
