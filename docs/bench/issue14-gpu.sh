@@ -3,6 +3,9 @@
 # after installing the wheels the machine lacks (../shared/gpu/README.md). Results go to $OUT.
 #   bash docs/bench/issue14-gpu.sh a   # Mistral-7B shape: baseline vs qlora (100 steps), banking77-like short rows
 #   bash docs/bench/issue14-gpu.sh b   # Llama-3-8B shape: baseline vs qlora; footprint check of compiled layers
+#   bash docs/bench/issue14-gpu.sh c   # NF4 dequantized in the compiled graph (third session): Mistral-7B shape
+#   bash docs/bench/issue14-gpu.sh d   # the same on the Llama-3-8B shape
+#   bash docs/bench/issue14-gpu.sh e   # Mistral-7B: compile_nf4 off vs on, same run (what the change alone does)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,4 +28,13 @@ elif [ "$1" = b ]; then
   timeout 120 python3 scripts/bench_train.py --shape mistral7b --data-kind intents --docs 40000 --micro-batch 4 \
     --seq-len 2048 --steps 25 --warmup 3 --workdir $W --variants qlora --out "$OUT/banking-mb4-mistral7b-h200.json" \
     2>&1 | tee "$OUT/banking-mb4.log"
+elif [ "$1" = c ] || [ "$1" = d ]; then
+  shape=$([ "$1" = c ] && echo mistral7b || echo llama3-8b)
+  python3 scripts/bench_train.py --shape $shape --steps 30 --baseline-steps 25 --warmup 4 --docs 3000 \
+    --workdir $W --variants "baseline,qlora,qlora-lora.lora_dropout=0" --out "$OUT/$shape-nf4-h200.json" \
+    2>&1 | tee "$OUT/$shape.log"
+elif [ "$1" = e ]; then
+  python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 4 --docs 3000 --workdir $W \
+    --variants "qlora-training.compile_nf4=false,qlora" --out "$OUT/mistral7b-nf4-ab-h200.json" \
+    2>&1 | tee "$OUT/nf4-ab.log"
 fi
