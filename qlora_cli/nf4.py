@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def dequantize(
@@ -57,24 +58,6 @@ def state_parts(quant_state: Any) -> tuple[torch.Tensor, ...]:
     return quant_state.absmax, quant_state.code
 
 
-class _FrozenNF4Linear(torch.autograd.Function):
-    """x @ W.T for a frozen 4-bit W: keeps only the packed weight for backward and dequantizes it again there
-    (as bitsandbytes does), so no 16-bit copy of W outlives the matmul."""
-
-    @staticmethod
-    def forward(ctx, x, packed, blocksize, shape, blocksize2, *parts):  # type: ignore[override]
-        ctx.meta = (blocksize, shape, blocksize2)
-        ctx.save_for_backward(packed, *parts)
-        return F.linear(x, _weight(packed, parts, blocksize, shape, blocksize2, x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        packed, *parts = ctx.saved_tensors
-        blocksize, shape, blocksize2 = ctx.meta
-        weight = _weight(packed, parts, blocksize, shape, blocksize2, grad.dtype)
-        return (grad @ weight, None, None, None, None, *(None for _ in parts))
-
-
 def _weight(packed, parts, blocksize, shape, blocksize2, dtype) -> torch.Tensor:
     absmax, code, *nested = parts
     absmax2, code2, offset = nested if nested else (None, None, None)
@@ -82,18 +65,20 @@ def _weight(packed, parts, blocksize, shape, blocksize2, dtype) -> torch.Tensor:
 
 
 def _forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`bnb.nn.Linear4bit.forward` with the weight dequantized in torch ops."""
+    """`bnb.nn.Linear4bit.forward` with the weight dequantized in torch ops.
+
+    The dequantization runs under `checkpoint`: in the compiled graph that marks it "recompute", so backward
+    dequantizes again from the packed weight (as bitsandbytes does) instead of keeping the 16-bit weight of all
+    7 projections from forward to backward (+0.3 GB peak on a 7B step when it did).
+    """
     state = self.weight.quant_state
     input_dtype = x.dtype
     dtype = self.compute_dtype or x.dtype
-    x = x.to(dtype)
     blocksize2 = state.state2.blocksize if state.nested else 256
-    out = _FrozenNF4Linear.apply(
-        x, self.weight.data, state.blocksize, tuple(state.shape), blocksize2, *state_parts(state)
-    )
-    if self.bias is not None:
-        out = out + self.bias.to(dtype)
-    return out.to(input_dtype)
+    weight = checkpoint(_weight, self.weight.data, state_parts(state), state.blocksize, tuple(state.shape),
+                        blocksize2, dtype, use_reentrant=False)
+    bias = None if self.bias is None else self.bias.to(dtype)
+    return F.linear(x.to(dtype), weight, bias).to(input_dtype)
 
 
 def eligible(module: torch.nn.Module) -> bool:
