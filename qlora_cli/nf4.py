@@ -1,29 +1,24 @@
 """NF4 weights dequantized inside the compiled decoder layers, instead of through bitsandbytes' Python ops.
 
 bitsandbytes runs a training-size NF4 matmul as its `gemm_4bit` op: Python code that dequantizes the nested
-absmax, the weights, then calls `F.linear`, and costs ~0.1-0.3 ms of CPU per call. A 7B step makes ~670 such calls
-(forward, recompute and backward of 7 projections x 32 layers), so the GPU waits on Python for part of every
-step (docs/performance.md). Here the same arithmetic (4-bit code -> NF4 value x block absmax, the absmax itself
+absmax, the weights, then calls `F.linear` (0.1-0.3 ms of CPU per call under the profiler); a 7B step makes ~670
+such calls (forward, recompute and backward of 7 projections x 32 layers), and the step is partly CPU-bound
+(docs/performance.md). Here the same arithmetic (4-bit code -> NF4 value x block absmax, the absmax itself
 8-bit quantized when `bnb_4bit_use_double_quant`) is written in torch ops, so inductor fuses each dequantization
 into one kernel launched from its generated code, and the matmul is a plain `mm` in the compiled graph.
 
-Used only where it pays: compiled layers (`training.compile_layers`) on CUDA, NF4 weights in uint8 storage.
+Used with compiled layers (`training.compile_layers`) on CUDA, NF4 weights in uint8 storage.
 The weights, checkpoints and saved adapters are unchanged; only the layers' forward differs.
 """
 
 from __future__ import annotations
 
-import os
 import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-# Benchmarks only (scripts/bench_train.py): keep the dequantized weights from forward to backward instead of
-# dequantizing again (faster or not is what the benchmark measures; +0.3 GB peak on a 7B step).
-KEEP_WEIGHTS = os.environ.get("QLORA_NF4_KEEP_WEIGHTS") == "1"
 
 
 def dequantize(
@@ -74,17 +69,15 @@ def _forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     The dequantization runs under `checkpoint`: in the compiled graph that marks it "recompute", so backward
     dequantizes again from the packed weight (as bitsandbytes does) instead of keeping the 16-bit weight of all
-    7 projections from forward to backward (+0.3 GB peak on a 7B step when it did).
+    7 projections from forward to backward (+0.3 GB peak on a 7B step when it did, and no faster:
+    docs/performance.md).
     """
     state = self.weight.quant_state
     input_dtype = x.dtype
     dtype = self.compute_dtype or x.dtype
     blocksize2 = state.state2.blocksize if state.nested else 256
     args = (self.weight.data, state_parts(state), state.blocksize, tuple(state.shape), blocksize2, dtype)
-    if KEEP_WEIGHTS:
-        weight = _weight(*args)
-    else:
-        weight = checkpoint(_weight, *args, use_reentrant=False)
+    weight = checkpoint(_weight, *args, use_reentrant=False)
     bias = None if self.bias is None else self.bias.to(dtype)
     return F.linear(x.to(dtype), weight, bias).to(input_dtype)
 

@@ -171,7 +171,8 @@ class TrainingConfig:
     )
     compile_nf4: bool = _f(
         True, help="With compiled layers, dequantize the NF4 weights inside the compiled graph (one fused kernel "
-        "per weight, no bitsandbytes Python per matmul: ~8% faster 7B steps); false = bitsandbytes' 4-bit matmul.",
+        "per weight, no bitsandbytes Python per matmul; same weights bit for bit); false = bitsandbytes' 4-bit "
+        "matmul.",
     )
     allow_cpu: bool = _f(False, help="Train on the CPU when no CUDA GPU is visible (tiny models and tests only).")
     sft_args: dict[str, Any] = _f(
