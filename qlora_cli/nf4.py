@@ -104,6 +104,9 @@ def use_compiled_dequantization(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         if eligible(module):
+            state = module.weight.quant_state
+            if state.nested:  # a pre-quantized checkpoint loads the offset as a CPU scalar: keep it by its weight
+                state.offset = torch.as_tensor(state.offset, dtype=torch.float32, device=module.weight.device)
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count

@@ -203,6 +203,27 @@ def test_nf4_weights_dequantized_in_torch_ops_are_the_weights_bitsandbytes_dequa
         assert torch.equal(ours, bnbf.dequantize_4bit(packed, state)), shape
 
 
+def test_a_pre_quantized_4bit_checkpoint_takes_the_compiled_nf4_path_with_the_same_weights(examples, tmp_path) -> None:
+    """A checkpoint saved already quantized (the `*-bnb-4bit` uploads) loads its quantization state from disk,
+    with the nested offset as a CPU scalar; the compiled NF4 path reads it to the same weights."""
+    from bitsandbytes import functional as bnbf
+    from transformers import AutoModelForCausalLM
+
+    from qlora_cli.nf4 import dequantize, state_parts, use_compiled_dequantization
+
+    recipe, _, _ = examples
+    load_model(recipe, DEVICE, "bf16").save_pretrained(tmp_path / "4bit")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "4bit", device_map={"": DEVICE.type})
+    assert use_compiled_dequantization(model) == 14
+    for module in model.modules():
+        if "forward" in vars(module):
+            weight, state = module.weight, module.weight.quant_state
+            assert state.nested and state.offset.device == weight.device
+            absmax, code, *nested = state_parts(state)
+            ours = dequantize(weight.data, absmax, code, state.blocksize, tuple(state.shape), torch.bfloat16, *nested)
+            assert torch.equal(ours, bnbf.dequantize_4bit(weight.data, state))
+
+
 def test_layers_dequantizing_nf4_in_the_compiled_graph_give_the_bitsandbytes_loss_and_gradients(examples) -> None:
     """The fast path CUDA training takes (compiled layers, NF4 dequantized in the graph) computes the step of
     bitsandbytes' eager layers: in fp32 (no bf16 rounding to tell apart) the same loss and gradients, and the

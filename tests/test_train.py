@@ -134,8 +134,10 @@ def test_cli_help_lists_the_options() -> None:
 def test_compiled_layers_train_evaluate_and_generate_like_eager_layers(tmp_path: Path) -> None:
     """`training.compile_layers: true` (the CUDA default) on the CPU: the same loss curve as eager layers, eval
     runs through the compiled layers, and the base-vs-adapter comparison (generation) runs on eager ones."""
+    import torch
     from rich.console import Console
 
+    torch._dynamo.reset()  # as in a fresh process: no graph cached by an earlier test's layers of the same shapes
     common = ["training.max_steps=20", "training.logging_steps=5", "training.eval_steps=10",
               "training.save_steps=10", "evaluation.compare_after_training=8"]
     runs = {}
