@@ -13,6 +13,7 @@ The weights, checkpoints and saved adapters are unchanged; only the layers' forw
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Any
 
@@ -93,10 +94,7 @@ def eligible(module: torch.nn.Module) -> bool:
     state = getattr(module.weight, "quant_state", None)
     if state is None or state.quant_type != "nf4" or module.weight.dtype != torch.uint8:
         return False
-    numel = 1
-    for d in state.shape:
-        numel *= d
-    return numel % state.blocksize == 0
+    return math.prod(state.shape) % state.blocksize == 0
 
 
 def use_compiled_dequantization(model: torch.nn.Module) -> int:
@@ -115,6 +113,5 @@ def use_compiled_dequantization(model: torch.nn.Module) -> int:
 def use_bitsandbytes_forward(model: torch.nn.Module) -> None:
     """Undo `use_compiled_dequantization` (eager generation: bitsandbytes' kernels are faster for small batches)."""
     for module in model.modules():
-        if getattr(module, "forward", None) is not None and "forward" in vars(module):
-            if getattr(module.forward, "__func__", None) is _forward:
-                del module.forward
+        if getattr(vars(module).get("forward"), "__func__", None) is _forward:
+            del module.forward
