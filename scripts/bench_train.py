@@ -19,6 +19,9 @@ Variants (`--variants`, comma-separated):
   baseline-liger   the same with TRL's use_liger_kernel=True
   qlora            `qlora train` with its defaults on the equivalent recipe
   qlora-<k=v;...>  `qlora train` with recipe overrides, e.g. "qlora-lora.lora_dropout=0"
+  unsloth          the baseline's recipe through unsloth's FastLanguageModel (its own 4-bit loading, LoRA
+                   kernels and checkpointing); install it with its pinned trl/datasets into a separate folder
+                   and name that folder in UNSLOTH_PATH (docs/bench/unsloth-gpu.sh)
 """
 
 from __future__ import annotations
@@ -221,6 +224,45 @@ def run_baseline(ckpt: Path, data: Path, a: argparse.Namespace, liger: bool) -> 
     return summarize(timer.records, a.warmup, load_s, a.device)
 
 
+def run_unsloth(ckpt: Path, data: Path, a: argparse.Namespace) -> dict:
+    """The same recipe through unsloth (FastLanguageModel: its own 4-bit loading, LoRA kernels and
+    "unsloth" gradient checkpointing), on TRL's SFTTrainer with the baseline's arguments.
+
+    unsloth pins older trl/datasets than qlora's; put them (and unsloth) in a folder of their own and name it in
+    UNSLOTH_PATH: only this variant's process puts it first on sys.path."""
+    import torch
+    import unsloth  # noqa: F401  (first: it patches transformers, peft and trl on import)
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    cuda = a.device == "cuda"
+    t0 = time.perf_counter()
+    model, tokenizer = FastLanguageModel.from_pretrained(str(ckpt), max_seq_length=a.seq_len, dtype=torch.bfloat16,
+                                                         load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
+                                             bias="none", use_gradient_checkpointing="unsloth", random_state=42)
+    load_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    args = SFTConfig(
+        output_dir=str(a.workdir / "unsloth-out"), per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=1, max_steps=a.warmup + a.steps + 1, learning_rate=2e-4,
+        lr_scheduler_type="cosine", warmup_steps=0.03, optim="paged_adamw_8bit", bf16=True, packing=True,
+        max_length=a.seq_len, logging_steps=1, save_strategy="no", report_to="none",
+        include_num_input_tokens_seen="non_padding", use_cpu=not cuda, seed=42, data_seed=42, disable_tqdm=True,
+        max_grad_norm=0.3, dataset_text_field="text",
+    )
+    timer = make_timer(a, "unsloth")
+    ds = load_dataset("json", data_files=str(data), split="train")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                         callbacks=[timer.callback()])
+    trainer.train()
+    return summarize(timer.records, a.warmup, load_s, a.device)
+
+
 def stop_after(steps: int):
     from transformers import TrainerCallback
 
@@ -284,6 +326,8 @@ def child(a: argparse.Namespace) -> None:
         result = run_baseline(ckpt, data, a, liger=False)
     elif variant == "baseline-liger":
         result = run_baseline(ckpt, data, a, liger=True)
+    elif variant == "unsloth":
+        result = run_unsloth(ckpt, data, a)
     else:
         overrides = [o for o in variant.removeprefix("qlora").lstrip("-").split(";") if o]
         result = run_qlora(ckpt, data, a, overrides)
@@ -342,7 +386,10 @@ def main() -> None:
         if a.profile_dir:
             cmd += ["--profile-dir", a.profile_dir]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if variant == "unsloth" and os.environ.get("UNSLOTH_PATH"):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ["UNSLOTH_PATH"], env.get("PYTHONPATH")) if p)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"--- {variant} failed (exit {proc.returncode}) ---\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -350,6 +397,8 @@ def main() -> None:
             continue
         result = json.loads(lines[-1][len("RESULT "):])
         result["wall_s"] = time.perf_counter() - t0
+        # what unsloth says it changed (optimizer, packing, attention) belongs next to its figures
+        result["notes"] = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Unsloth")]
         results.append(result)
         print(f"{variant}: {result['tokens_per_s']:.0f} tok/s", flush=True)
 
@@ -376,6 +425,9 @@ def main() -> None:
     for r in results:
         if "error" not in r:
             print(f"  {r['variant']:<34}" + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
+    for r in results:
+        for note in r.get("notes", []):
+            print(f"  {r['variant']}: {note}")
     report = {"shape": a.shape, "micro_batch": a.micro_batch, "seq_len": a.seq_len, "steps": a.steps,
               "warmup": a.warmup, "device": device_name(a.device), "versions": versions(), "results": results}
     if a.out:
