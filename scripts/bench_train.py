@@ -157,14 +157,21 @@ class Timer:
 
         return _Timer()
 
+    def profiled_steps(self) -> set[int]:
+        """Steps whose time the profiler inflated (tracing, writing the table): left out of the timing."""
+        return set(range(self.profile_steps[0] + 1, self.profile_steps[1] + 1)) if self.profile_to else set()
 
-def summarize(records: list[dict], warmup: int, load_s: float, device: str) -> dict:
+
+def summarize(records: list[dict], warmup: int, load_s: float, device: str, skip: set[int] = frozenset()) -> dict:
+    """Tokens/s and step times over the steps after `warmup`, leaving out the steps in `skip` (profiled ones)."""
     import torch
 
     timed = [r for r in records if r["step"] >= warmup]  # the first interval ends at step warmup + 1
-    steps = [b["t"] - a["t"] for a, b in zip(timed, timed[1:])]
-    tokens = timed[-1]["tokens"] - timed[0]["tokens"]
-    elapsed = timed[-1]["t"] - timed[0]["t"]
+    intervals = [(b["t"] - a["t"], b["tokens"] - a["tokens"]) for a, b in zip(timed, timed[1:])
+                 if b["step"] not in skip]
+    steps = [dt for dt, _ in intervals]
+    tokens = sum(n for _, n in intervals)
+    elapsed = sum(steps)
     out = {
         "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
         "median_step_s": statistics.median(steps) if steps else None,
@@ -221,7 +228,7 @@ def run_baseline(ckpt: Path, data: Path, a: argparse.Namespace, liger: bool) -> 
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, peft_config=lora,
                          callbacks=callbacks)
     trainer.train()
-    return summarize(timer.records, a.warmup, load_s, a.device)
+    return summarize(timer.records, a.warmup, load_s, a.device, timer.profiled_steps())
 
 
 def run_unsloth(ckpt: Path, data: Path, a: argparse.Namespace) -> dict:
@@ -260,7 +267,7 @@ def run_unsloth(ckpt: Path, data: Path, a: argparse.Namespace) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
                          callbacks=[timer.callback()])
     trainer.train()
-    return summarize(timer.records, a.warmup, load_s, a.device)
+    return summarize(timer.records, a.warmup, load_s, a.device, timer.profiled_steps())
 
 
 def stop_after(steps: int):
@@ -305,7 +312,7 @@ training:
     timer = make_timer(a, "qlora" + ("-" + "-".join(overrides) if overrides else ""))
     summary = train_cmd.train(recipe, Console(stderr=True, width=120), overwrite=True,
                               callbacks=[timer.callback()])
-    result = summarize(timer.records, a.warmup, summary["load_time_s"], a.device)
+    result = summarize(timer.records, a.warmup, summary["load_time_s"], a.device, timer.profiled_steps())
     result["summary"] = {k: summary.get(k) for k in ("steady_tokens_per_s", "tokens_per_s", "train_time_s", "warmup_s",
                                                      "warmup_steps", "steady_steps", "compiles", "steps")}
     return result
@@ -365,7 +372,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"))
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--profile-dir", default=None, help="write a torch profiler table of 2 steps per variant here")
+    p.add_argument("--profile-dir", default=None, help="write a torch profiler table of one step per variant "
+                   "here (that step is left out of the timing)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
