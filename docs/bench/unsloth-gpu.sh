@@ -23,6 +23,7 @@ if [ "$1" = fetch ]; then
 elif [ "$1" = run ]; then
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
   OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+  [ -d /tmp/site/bitsandbytes ] || { echo "no /tmp/site: run the .whl install call first, on this same machine"; exit 1; }
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite .uwhl/*.whl
   python3 -c "import httpx" 2>/dev/null ||
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/usite .uwhl/extra/*.whl
