@@ -85,10 +85,8 @@ def _forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def eligible(module: torch.nn.Module) -> bool:
     """A bitsandbytes NF4 linear layer whose weights `dequantize` reads: uint8 storage, whole blocks."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return False
+    from bitsandbytes.nn import Linear4bit
+
     if not isinstance(module, Linear4bit):
         return False
     state = getattr(module.weight, "quant_state", None)

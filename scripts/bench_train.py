@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = {"mistral7b": "mistral-7b.json", "llama3-8b": "llama-3-8b.json", "qwen2.5-7b": "qwen2.5-7b.json"}
@@ -188,13 +189,27 @@ def summarize(records: list[dict], warmup: int, load_s: float, device: str, skip
     return out
 
 
+def usual_args(a: argparse.Namespace, output: str, **extra: Any):
+    """The usual recipe's trainer arguments (the baseline's; the unsloth variant runs the same ones)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(a.workdir / output), per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=1, max_steps=a.warmup + a.steps + 1, learning_rate=2e-4,
+        lr_scheduler_type="cosine", warmup_steps=0.03, optim="paged_adamw_8bit", bf16=True, packing=True,
+        max_length=a.seq_len, logging_steps=1, save_strategy="no", report_to="none",
+        include_num_input_tokens_seen="non_padding", use_cpu=a.device != "cuda", seed=42, data_seed=42,
+        disable_tqdm=True, max_grad_norm=0.3, **extra,
+    )
+
+
 def run_baseline(ckpt: Path, data: Path, a: argparse.Namespace, liger: bool) -> dict:
     """The usual recipe, written plainly as the blog posts do."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     cuda = a.device == "cuda"
     t0 = time.perf_counter()
@@ -212,14 +227,7 @@ def run_baseline(ckpt: Path, data: Path, a: argparse.Namespace, liger: bool) -> 
         tokenizer.pad_token = tokenizer.eos_token
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, bias="none",
                       task_type="CAUSAL_LM")
-    args = SFTConfig(
-        output_dir=str(a.workdir / "baseline-out"), per_device_train_batch_size=a.micro_batch,
-        gradient_accumulation_steps=1, max_steps=a.warmup + a.steps + 1, learning_rate=2e-4,
-        lr_scheduler_type="cosine", warmup_steps=0.03, optim="paged_adamw_8bit", gradient_checkpointing=True,
-        bf16=True, packing=True, max_length=a.seq_len, logging_steps=1, save_strategy="no", report_to="none",
-        include_num_input_tokens_seen="non_padding", use_cpu=not cuda, seed=42, data_seed=42,
-        use_liger_kernel=liger, disable_tqdm=True, max_grad_norm=0.3,
-    )
+    args = usual_args(a, "baseline-out", gradient_checkpointing=True, use_liger_kernel=liger)
     timer = make_timer(a, "baseline-liger" if liger else "baseline")
     ds = load_dataset("json", data_files=str(data), split="train")
     callbacks = [timer.callback()]
@@ -240,7 +248,7 @@ def run_unsloth(ckpt: Path, data: Path, a: argparse.Namespace) -> dict:
     import torch
     import unsloth  # noqa: F401  (first: it patches transformers, peft and trl on import)
     from datasets import load_dataset
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
     from unsloth import FastLanguageModel
 
     cuda = a.device == "cuda"
@@ -254,14 +262,7 @@ def run_unsloth(ckpt: Path, data: Path, a: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    args = SFTConfig(
-        output_dir=str(a.workdir / "unsloth-out"), per_device_train_batch_size=a.micro_batch,
-        gradient_accumulation_steps=1, max_steps=a.warmup + a.steps + 1, learning_rate=2e-4,
-        lr_scheduler_type="cosine", warmup_steps=0.03, optim="paged_adamw_8bit", bf16=True, packing=True,
-        max_length=a.seq_len, logging_steps=1, save_strategy="no", report_to="none",
-        include_num_input_tokens_seen="non_padding", use_cpu=not cuda, seed=42, data_seed=42, disable_tqdm=True,
-        max_grad_norm=0.3, dataset_text_field="text",
-    )
+    args = usual_args(a, "unsloth-out")  # gradient checkpointing: unsloth's own, set in get_peft_model
     timer = make_timer(a, "unsloth")
     ds = load_dataset("json", data_files=str(data), split="train")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
