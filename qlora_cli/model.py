@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import types
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -247,14 +248,40 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, **compil
     """torch.compile each decoder layer in place (regional compilation); returns how many were compiled.
 
     Layers share one class, so the first compile is reused by the others. In place (`Module.compile`), so
-    parameter names, checkpoints and the saved adapter are unchanged; gradient checkpointing wraps the compiled
-    call and recomputes through it. `dynamic=True` compiles once for every sequence length (batches whose lengths
-    vary); `None` (torch's default) specialises to the first shape and recompiles, dynamic, at the second.
+    parameter names, checkpoints and the saved adapter are unchanged. Under gradient checkpointing the checkpoint
+    is taken inside the compiled call (`checkpoint_inside`), whichever transformers version is installed.
+    `dynamic=True` compiles once for every sequence length (batches whose lengths vary); `None` (torch's default)
+    specialises to the first shape and recompiles, dynamic, at the second.
     """
     layers = decoder_layers(model)
     for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            checkpoint_inside(layer)
         layer.compile(dynamic=dynamic, **compile_kwargs)
     return len(layers)
+
+
+def _checkpointed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    forward = type(self).forward
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+    return forward(self, *args, **kwargs)
+
+
+def checkpoint_inside(layer: torch.nn.Module) -> None:
+    """Checkpoint the layer's forward inside its compiled graph instead of around the compiled call.
+
+    transformers up to 5.17 checkpoints `__call__`, so the compiled layer runs three times a step: forward,
+    forward again in backward, then backward. Inside, torch.compile sees the checkpoint: forward saves only the
+    layer's inputs (as before), and the backward graph recomputes just what backward reads, fused with it (not
+    the last projection, whose output backward never reads), with one compiled call fewer per layer.
+    transformers 5.24 wraps `forward` itself, which comes to the same; `uncompile_layers` undoes this.
+    """
+    layer.gradient_checkpointing = False  # transformers' own checkpoint steps aside
+    layer.forward = types.MethodType(_checkpointed_forward, layer)
 
 
 def uncompile_layers(model: torch.nn.Module) -> None:
@@ -264,6 +291,9 @@ def uncompile_layers(model: torch.nn.Module) -> None:
     use_bitsandbytes_forward(model)  # bitsandbytes' own kernels are the fast ones for generation's small batches
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
+        if getattr(vars(layer).get("forward"), "__func__", None) is _checkpointed_forward:
+            del layer.forward
+            layer.gradient_checkpointing = True
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

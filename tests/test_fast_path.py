@@ -301,3 +301,40 @@ def test_an_evaluation_does_not_cut_the_gradient_through_4bit_weights(examples) 
     layer.train()
     layer(x).backward(grad_out)
     assert x.grad is not None and torch.equal(x.grad, before)
+
+
+def test_checkpointed_compiled_layers_recompute_in_backward_only_what_backward_reads() -> None:
+    """With gradient checkpointing, the checkpoint is inside each compiled layer (any transformers version):
+    forward runs the 7 projections once, and the backward graph recomputes 6 of them with its own 7 input-gradient
+    matmuls; the last projection's output is never read by backward, so it is not recomputed (checkpointing
+    around the compiled call ran all 7 again). `uncompile_layers` gives back transformers' own checkpointing."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from qlora_cli.model import compile_layers, uncompile_layers
+
+    graphs: list[tuple[str, int]] = []
+
+    def count_matmuls(kind: str):
+        def compiler(gm: torch.fx.GraphModule, example_inputs):
+            graphs.append((kind, sum(n.op == "call_function" and "mm" in str(n.target) for n in gm.graph.nodes)))
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=count_matmuls("forward"), bw_compiler=count_matmuls("backward"),
+                           partition_fn=min_cut_rematerialization_partition)  # inductor's partitioner
+    config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=100, use_cache=False)
+    model = MistralForCausalLM(config).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for name, p in model.named_parameters():
+        p.requires_grad_("embed" in name)  # frozen projections, as the 4-bit base weights are
+    torch._dynamo.reset()
+    assert compile_layers(model, backend=backend) == 2
+    ids = torch.randint(0, 100, (2, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert graphs == [("forward", 7), ("backward", 13)]
+    uncompile_layers(model)
+    assert all(layer.gradient_checkpointing and "forward" not in vars(layer) for layer in model.model.layers)
