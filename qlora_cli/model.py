@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import types
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -249,39 +248,40 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, **compil
 
     Layers share one class, so the first compile is reused by the others. In place (`Module.compile`), so
     parameter names, checkpoints and the saved adapter are unchanged. Under gradient checkpointing the checkpoint
-    is taken inside the compiled call (`checkpoint_inside`), whichever transformers version is installed.
+    wraps the compiled call (`checkpoint_around`), whichever transformers version is installed.
     `dynamic=True` compiles once for every sequence length (batches whose lengths vary); `None` (torch's default)
     specialises to the first shape and recompiles, dynamic, at the second.
     """
     layers = decoder_layers(model)
     for layer in layers:
-        if getattr(layer, "gradient_checkpointing", False):
-            checkpoint_inside(layer)
         layer.compile(dynamic=dynamic, **compile_kwargs)
+        if getattr(layer, "gradient_checkpointing", False):
+            checkpoint_around(layer)
     return len(layers)
 
 
-def _checkpointed_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+def checkpoint_around(layer: torch.nn.Module) -> None:
+    """Take the layer's gradient checkpoint around its compiled call, not inside the compiled graph.
+
+    transformers 5.24 checkpoints each layer's `forward`, which `Module.compile` compiles: the checkpoint is then
+    traced by torch.compile, and flex attention (the CUDA default for packed rows) cannot be traced inside one, so
+    the whole layer fell back to eager with eager flex attention (a 7B step did not finish in minutes on an H200).
+    transformers up to 5.17 checkpointed `__call__`, around the compiled call, which is what this restores.
+    `uncompile_layers` gives transformers its checkpointing back.
+    """
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    forward = type(self).forward
-    if self.training and torch.is_grad_enabled():
-        return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
-    return forward(self, *args, **kwargs)
+    compiled = layer._compiled_call_impl
 
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if layer.training and torch.is_grad_enabled():
+            return checkpoint(compiled, *args, use_reentrant=False, **kwargs)
+        return compiled(*args, **kwargs)
 
-def checkpoint_inside(layer: torch.nn.Module) -> None:
-    """Checkpoint the layer's forward inside its compiled graph instead of around the compiled call.
-
-    transformers up to 5.17 checkpoints `__call__`, so the compiled layer runs three times a step: forward,
-    forward again in backward, then backward. Inside, torch.compile sees the checkpoint: forward saves only the
-    layer's inputs (as before), and the backward graph recomputes just what backward reads, fused with it (not
-    the last projection, whose output backward never reads), with one compiled call fewer per layer.
-    transformers 5.24 wraps `forward` itself, which comes to the same; `uncompile_layers` undoes this.
-    """
+    call.checkpoint_around = True
     layer.gradient_checkpointing = False  # transformers' own checkpoint steps aside
-    layer.forward = types.MethodType(_checkpointed_forward, layer)
+    layer._compiled_call_impl = call
 
 
 def uncompile_layers(model: torch.nn.Module) -> None:
@@ -290,10 +290,9 @@ def uncompile_layers(model: torch.nn.Module) -> None:
 
     use_bitsandbytes_forward(model)  # bitsandbytes' own kernels are the fast ones for generation's small batches
     for layer in decoder_layers(model):
-        layer._compiled_call_impl = None
-        if getattr(vars(layer).get("forward"), "__func__", None) is _checkpointed_forward:
-            del layer.forward
+        if getattr(layer._compiled_call_impl, "checkpoint_around", False):
             layer.gradient_checkpointing = True
+        layer._compiled_call_impl = None
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -6,6 +6,9 @@
 #   bash docs/bench/issue14-gpu.sh c   # NF4 dequantized in the compiled graph (third session): Mistral-7B shape
 #   bash docs/bench/issue14-gpu.sh d   # the same on the Llama-3-8B shape
 #   bash docs/bench/issue14-gpu.sh e   # Mistral-7B: compile_nf4 off vs on, same run (what the change alone does)
+#   bash docs/bench/issue14-gpu.sh f   # gradient checkpoint inside the compiled layers (transformers 5.23+'s way,
+#     # commit 6cc0368's code in bench-inside/: git archive 6cc0368 qlora_cli scripts recipes | tar -x -C bench-inside)
+#     # vs around them (qlora's), 2-layer Mistral-7B-width model; then the Mistral-7B shape, around
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,4 +40,27 @@ elif [ "$1" = e ]; then
   python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 4 --docs 3000 --workdir $W \
     --variants "qlora-training.compile_nf4=false,qlora" --out "$OUT/mistral7b-nf4-ab-h200.json" \
     2>&1 | tee "$OUT/nf4-ab.log"
+elif [ "$1" = f ]; then
+  python3 - <<'PY'
+import json, sys, torch
+sys.path.insert(0, "scripts")
+import bench_train as b
+from pathlib import Path
+from transformers import AutoConfig, AutoModelForCausalLM
+from qlora_cli.tiny import bpe_tokenizer
+data = json.loads(Path("qlora_cli/models/mistral-7b.json").read_text()); data["num_hidden_layers"] = 2
+with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(data.pop("model_type"), **data), dtype=torch.bfloat16)
+model.save_pretrained("/tmp/d/ckpt")
+bpe_tokenizer(b.corpus(2000, seed=1), vocab_size=16000, chat_template=None).save_pretrained("/tmp/d/ckpt")
+b.write_data(Path("/tmp/d/data.jsonl"), 3000)
+PY
+  ARGS="--child qlora --ckpt /tmp/d/ckpt --data /tmp/d/data.jsonl --micro-batch 4 --seq-len 2048 --steps 8 --warmup 2
+        --device cuda --data-kind text"
+  mkdir -p /tmp/d/a /tmp/d/d
+  (cd bench-inside && timeout 110 python3 scripts/bench_train.py $ARGS --workdir /tmp/d/a > "$OUT/a-inside.log" 2>&1)
+  timeout 110 python3 scripts/bench_train.py $ARGS --workdir /tmp/d/d > "$OUT/d-around.log" 2>&1
+  grep -h RESULT "$OUT/a-inside.log" "$OUT/d-around.log" | cut -c1-300
+  python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 4 --docs 3000 --workdir $W --variants qlora \
+    --out "$OUT/mistral7b-around-h200.json" 2>&1 | tee "$OUT/full.log"
 fi
