@@ -305,8 +305,8 @@ def test_an_evaluation_does_not_cut_the_gradient_through_4bit_weights(examples) 
 
 def test_gradient_checkpointing_wraps_the_compiled_layer_call_on_any_transformers_version() -> None:
     """transformers 5.23+ checkpoints each layer's `forward`, which would put the checkpoint inside the compiled
-    graph; with flex attention (the CUDA default for packed rows) that ran the layers with eager flex attention
-    (an H200 step of a 2-layer 7B-width model took 0.62 s and 58 GB instead of 0.08 s and 3.8 GB). qlora keeps the
+    graph; with flex attention (the CUDA default for packed rows) that layout ran the layers with unfused flex
+    attention (an H200 step of a 2-layer 7B-width model: 0.62 s and 58 GB instead of 0.08 s and 3.8 GB). qlora keeps the
     checkpoint around the compiled call: the compiled forward graph (7 projections) runs twice per layer, in
     forward and again in backward, and the backward graph holds only the 7 input-gradient matmuls (inside, it would
     recompute 6 projections itself). `uncompile_layers` gives transformers its own checkpointing back."""
