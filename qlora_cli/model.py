@@ -263,11 +263,13 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, **compil
 def checkpoint_around(layer: torch.nn.Module) -> None:
     """Take the layer's gradient checkpoint around its compiled call, not inside the compiled graph.
 
-    transformers 5.24 checkpoints each layer's `forward`, which `Module.compile` compiles: the checkpoint is then
+    transformers 5.23+ checkpoints each layer's `forward`, which `Module.compile` compiles: the checkpoint is then
     traced by torch.compile, and flex attention (the CUDA default for packed rows) cannot be traced inside one, so
-    the whole layer fell back to eager with eager flex attention (a 7B step did not finish in minutes on an H200).
-    transformers up to 5.17 checkpointed `__call__`, around the compiled call, which is what this restores.
-    `uncompile_layers` gives transformers its checkpointing back.
+    it ran unfused (a 7B-shape run did not finish 34 steps in 400 s on an H200; docs/performance.md).
+    transformers up to 5.22 checkpointed `__call__`, around the compiled call, which is what this restores.
+    transformers' own checkpoint is kept off at every call, since `Trainer.train()` enables it again when it starts
+    (on 5.17 that nested a second checkpoint around this one in the first step only); `uncompile_layers` gives it
+    back.
     """
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -275,12 +277,13 @@ def checkpoint_around(layer: torch.nn.Module) -> None:
     compiled = layer._compiled_call_impl
 
     def call(*args: Any, **kwargs: Any) -> Any:
+        layer.gradient_checkpointing = False  # Trainer.train() turns transformers' own back on when it starts
         if layer.training and torch.is_grad_enabled():
             return checkpoint(compiled, *args, use_reentrant=False, **kwargs)
         return compiled(*args, **kwargs)
 
     call.checkpoint_around = True
-    layer.gradient_checkpointing = False  # transformers' own checkpoint steps aside
+    layer.gradient_checkpointing = False
     layer._compiled_call_impl = call
 
 

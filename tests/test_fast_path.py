@@ -309,7 +309,8 @@ def test_gradient_checkpointing_wraps_the_compiled_layer_call_on_any_transformer
     attention (an H200 step of a 2-layer 7B-width model: 0.62 s and 58 GB instead of 0.08 s and 3.8 GB). qlora keeps the
     checkpoint around the compiled call: the compiled forward graph (7 projections) runs twice per layer, in
     forward and again in backward, and the backward graph holds only the 7 input-gradient matmuls (inside, it would
-    recompute 6 projections itself). `uncompile_layers` gives transformers its own checkpointing back."""
+    recompute 6 projections itself), also after `Trainer.train()` enables transformers' checkpointing again when it
+    starts. `uncompile_layers` gives transformers its own checkpointing back."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
     from transformers import MistralConfig, MistralForCausalLM
@@ -340,6 +341,7 @@ def test_gradient_checkpointing_wraps_the_compiled_layer_call_on_any_transformer
         p.requires_grad_("embed" in name)  # frozen projections, as the 4-bit base weights are
     torch._dynamo.reset()
     assert compile_layers(model, backend=backend) == 2
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # Trainer.train()'s
     ids = torch.randint(0, 100, (2, 32))
     model(input_ids=ids, labels=ids).loss.backward()
     assert graphs == [("forward", 7), ("backward", 7)]
