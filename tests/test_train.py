@@ -133,20 +133,37 @@ def test_cli_help_lists_the_options() -> None:
 
 def test_compiled_layers_train_evaluate_and_generate_like_eager_layers(tmp_path: Path) -> None:
     """`training.compile_layers: true` (the CUDA default) on the CPU: the same loss curve as eager layers, eval
-    runs through the compiled layers, and the base-vs-adapter comparison (generation) runs on eager ones."""
+    runs through the compiled layers, and the base-vs-adapter comparison (generation) runs on eager ones. While
+    training, each compiled layer is checkpointed around its compiled call and transformers' own checkpoint stays
+    off, though `Trainer.train()` turns it on again when it starts (on transformers 5.23+ it would checkpoint
+    inside the compiled graph, where CUDA's flex attention runs unfused)."""
     import torch
     from rich.console import Console
+    from transformers import TrainerCallback
+
+    from qlora_cli.model import decoder_layers
+
+    class LayerCheckpoints(TrainerCallback):
+        def __init__(self) -> None:
+            self.seen: set[tuple[bool, bool]] = set()  # (transformers' flag, qlora's checkpoint around the call)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.seen |= {(layer.gradient_checkpointing,
+                           getattr(layer._compiled_call_impl, "checkpoint_around", False))
+                          for layer in decoder_layers(model)}
 
     torch._dynamo.reset()  # as in a fresh process: no graph cached by an earlier test's layers of the same shapes
     common = ["training.max_steps=20", "training.logging_steps=5", "training.eval_steps=10",
               "training.save_steps=10", "evaluation.compare_after_training=8"]
-    runs = {}
+    runs, checkpoints = {}, {False: LayerCheckpoints(), True: LayerCheckpoints()}
     for compiled in (False, True):
         console = Console(record=True, width=120, force_terminal=False)
         recipe = demo_recipe(tmp_path / str(compiled), *common, f"training.compile_layers={compiled}")
-        runs[compiled] = (train(recipe, console), console.export_text(), RunDir(tmp_path / str(compiled) / "run"))
+        summary = train(recipe, console, callbacks=[checkpoints[compiled]])
+        runs[compiled] = (summary, console.export_text(), RunDir(tmp_path / str(compiled) / "run"))
     (eager, eager_out, _), (compiled, compiled_out, run) = runs[False], runs[True]
     assert "Compiling 2 decoder layers" in compiled_out and "Compiling" not in eager_out
+    assert checkpoints[True].seen == {(False, True)} and checkpoints[False].seen == {(True, False)}
     losses = {c: [json.loads(x)["loss"] for x in r.metrics.read_text().splitlines() if '"loss"' in x]
               for c, (_, _, r) in runs.items()}
     assert len(losses[True]) == 4
