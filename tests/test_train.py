@@ -163,6 +163,7 @@ def test_compiled_layers_train_evaluate_and_generate_like_eager_layers(tmp_path:
         runs[compiled] = (summary, console.export_text(), RunDir(tmp_path / str(compiled) / "run"))
     (eager, eager_out, _), (compiled, compiled_out, run) = runs[False], runs[True]
     assert "Compiling 2 decoder layers" in compiled_out and "Compiling" not in eager_out
+    assert "compiled no graph" not in compiled_out
     assert checkpoints[True].seen == {(False, True)} and checkpoints[False].seen == {(True, False)}
     losses = {c: [json.loads(x)["loss"] for x in r.metrics.read_text().splitlines() if '"loss"' in x]
               for c, (_, _, r) in runs.items()}
@@ -176,6 +177,22 @@ def test_compiled_layers_train_evaluate_and_generate_like_eager_layers(tmp_path:
     assert compiled["compiles"] >= 1 and compiled["warmup_steps"] == 1
     assert compiled["steady_steps"] >= 15 and compiled["steady_tokens_per_s"] > 0
     assert eager["compiles"] == 0
+
+
+def test_compiled_layers_that_compile_nothing_are_reported(tmp_path: Path) -> None:
+    """When torch.compile falls back to eager for the whole layer (as it did with the checkpoint inside the
+    compiled graph on transformers 5.25), the run says so instead of training at eager speed in silence."""
+    import torch
+    from rich.console import Console
+
+    torch._dynamo.reset()
+    console = Console(record=True, width=200, force_terminal=False)
+    recipe = demo_recipe(tmp_path, "training.max_steps=1", "training.compile_layers=true",
+                         "evaluation.compare_after_training=0")
+    with torch.compiler.set_stance("force_eager"):  # what a fallback does: every compiled call runs eagerly
+        summary = train(recipe, console)
+    assert summary["compiles"] == 0
+    assert "the first step compiled no graph, so the 2 compiled decoder layers ran eagerly" in console.export_text()
 
 
 def test_steady_tokens_per_s_leaves_out_warm_up_compiles_evaluations_and_saves() -> None:

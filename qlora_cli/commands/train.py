@@ -304,6 +304,7 @@ def make_progress_callback(run: RunDir, device: Device, console: Console) -> Tra
             self.window = (0, 0.0)  # steady tokens and seconds since the last log
             self.train_logs: list[dict] = []
             self.eval_logs: list[dict] = []
+            self.compiled_layers = 0  # set by `train` once it knows
 
         def _mark(self, state) -> None:
             self.last = (time.perf_counter(), state.num_input_tokens_seen, _compiled_graphs_or_0())
@@ -322,8 +323,12 @@ def make_progress_callback(run: RunDir, device: Device, console: Console) -> Tra
         def on_step_end(self, args, state, control, **kwargs):
             (t0, tokens0, graphs0), now = self.last, time.perf_counter()
             tokens = state.num_input_tokens_seen - tokens0
-            kind = self.clock.add(now - t0, tokens, _compiled_graphs_or_0() - graphs0, self.first,
-                                  self.eval_or_save)
+            graphs = _compiled_graphs_or_0() - graphs0
+            kind = self.clock.add(now - t0, tokens, graphs, self.first, self.eval_or_save)
+            if self.first and self.compiled_layers and not graphs and state.is_world_process_zero:
+                console.print(f"[yellow]warning:[/] the first step compiled no graph, so the {self.compiled_layers} "
+                              "compiled decoder layers ran eagerly (torch.compile fell back; typically a library "
+                              "version it cannot trace); set `training.compile_layers: false` to skip compiling")
             if kind == "steady":
                 self.window = (self.window[0] + tokens, self.window[1] + now - t0)
             self.first = self.eval_or_save = False
@@ -578,7 +583,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     )
     trainer.checkpoint_estimate, trainer.adapter_dtype = need, recipe.lora.adapter_dtype
     trainer.remove_callback(PrinterCallback)  # our progress callback reports the logs
-    compiled = finish_trainer_model(trainer.model, recipe, device)
+    compiled = progress.compiled_layers = finish_trainer_model(trainer.model, recipe, device)
     total, trainable = count_parameters(trainer.model)
     console.print(f"LoRA r={recipe.lora.r}: {trainable:,} trainable parameters; "
                   f"global batch {args.per_device_train_batch_size} x {args.gradient_accumulation_steps}"
