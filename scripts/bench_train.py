@@ -45,8 +45,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # ------------------------------------------------------------------------------------------------ set-up
 
 
-def make_checkpoint(shape: str, path: Path, device: str) -> Path:
-    """A random-weight bf16 checkpoint of the shape, with a BPE tokenizer trained on the synthetic corpus."""
+def make_checkpoint(shape: str, path: Path, device: str, layers: int | None = None) -> Path:
+    """A random-weight bf16 checkpoint of the shape (with only `layers` decoder layers when given), with a BPE
+    tokenizer trained on the synthetic corpus."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -61,6 +62,8 @@ def make_checkpoint(shape: str, path: Path, device: str) -> Path:
         shutil.copytree(src, path)
         return path
     data = json.loads((REPO / "qlora_cli" / "models" / SHAPES[shape]).read_text())
+    if layers:
+        data["num_hidden_layers"] = layers
     config = AutoConfig.for_model(data.pop("model_type"), **data)
     t0 = time.perf_counter()
     with torch.device(device):

@@ -42,17 +42,11 @@ elif [ "$1" = e ]; then
     2>&1 | tee "$OUT/nf4-ab.log"
 elif [ "$1" = f ]; then
   python3 - <<'PY'
-import json, sys, torch
+import sys
 sys.path.insert(0, "scripts")
-import bench_train as b
 from pathlib import Path
-from transformers import AutoConfig, AutoModelForCausalLM
-from qlora_cli.tiny import bpe_tokenizer
-data = json.loads(Path("qlora_cli/models/mistral-7b.json").read_text()); data["num_hidden_layers"] = 2
-with torch.device("cuda"):
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(data.pop("model_type"), **data), dtype=torch.bfloat16)
-model.save_pretrained("/tmp/d/ckpt")
-bpe_tokenizer(b.corpus(2000, seed=1), vocab_size=16000, chat_template=None).save_pretrained("/tmp/d/ckpt")
+import bench_train as b
+b.make_checkpoint("mistral7b", Path("/tmp/d/ckpt"), "cuda", layers=2)
 b.write_data(Path("/tmp/d/data.jsonl"), 3000)
 PY
   ARGS="--child qlora --ckpt /tmp/d/ckpt --data /tmp/d/data.jsonl --micro-batch 4 --seq-len 2048 --steps 8 --warmup 2
