@@ -27,9 +27,11 @@ Variants (`--variants`, comma-separated):
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -147,11 +149,18 @@ class Timer:
                 if self.prof is not None and state.global_step == timer.profile_steps[1]:
                     import torch
 
-                    torch.cuda.synchronize()
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
                     self.prof.__exit__(None, None, None)
                     table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
                                                            max_name_column_width=70)
                     timer.profile_to.write_text(table)
+                    # the timeline, for where the GPU waits (scripts/gpu_gaps.py reads it)
+                    trace = timer.profile_to.with_name(timer.profile_to.stem.replace("profile-", "trace-") + ".json")
+                    self.prof.export_chrome_trace(str(trace))
+                    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    trace.unlink()
                     self.prof = None
 
             def on_log(self, args, state, control, logs=None, **kwargs):
@@ -326,7 +335,8 @@ def make_timer(a: argparse.Namespace, variant: str) -> Timer:
     if not a.profile_dir:
         return Timer()
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
-    return Timer(Path(a.profile_dir) / f"profile-{name}.txt", (a.warmup + 1, a.warmup + 2))
+    # two steps, so the boundary between them (logging, the next batch, the optimizer) is in the timeline
+    return Timer(Path(a.profile_dir) / f"profile-{name}.txt", (a.warmup + 1, a.warmup + 3))
 
 
 def child(a: argparse.Namespace) -> None:
@@ -376,8 +386,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"))
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--profile-dir", default=None, help="write a torch profiler table of one step per variant "
-                   "here (that step is left out of the timing)")
+    p.add_argument("--profile-dir", default=None, help="write a torch profiler table and timeline "
+                   "(trace-*.json.gz, for scripts/gpu_gaps.py) of two steps per variant here (left out of the timing)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)

@@ -4,6 +4,7 @@
 #   bash docs/bench/unsloth-gpu.sh fetch     # here: unsloth and what it needs that the GPU image lacks -> ./.uwhl
 #   device call 1, carry .whl:   python3 -m pip install ... --target /tmp/site .whl/*.whl   (../shared/gpu/README.md)
 #   device call 2, carry .uwhl, right after (the machine is kept 30 s):  bash docs/bench/unsloth-gpu.sh run
+#   (VARIANTS=unsloth runs it alone, next to a baseline/qlora run made earlier on the same machine)
 # unsloth pins trl <= 1.15, datasets < 5 and transformers <= 5.17: they go into /tmp/usite, which only the unsloth
 # variant's process puts first on its path (UNSLOTH_PATH in scripts/bench_train.py).
 set -euo pipefail
@@ -30,6 +31,6 @@ elif [ "$1" = run ]; then
   export PYTHONPATH=/tmp/site:$PWD UNSLOTH_PATH=/tmp/usite
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   python3 scripts/bench_train.py --shape mistral7b --steps 30 --baseline-steps 25 --warmup 4 --docs 3000 \
-    --workdir /tmp/qlora-bench --variants "baseline,qlora,unsloth" --out "$OUT/mistral7b-unsloth-h200.json" \
+    --workdir /tmp/qlora-bench --variants "${VARIANTS:-baseline,qlora,unsloth}" --out "$OUT/mistral7b-unsloth-h200.json" \
     2>&1 | tee "$OUT/unsloth.log"
 fi
