@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, demo_recipe
+from rich.console import Console
 
 from qlora_cli.commands.train import StepClock, build_sft_config, dry_run, eval_loss_row, shape_args, train
 from qlora_cli.errors import UserError
@@ -193,6 +194,71 @@ def test_compiled_layers_that_compile_nothing_are_reported(tmp_path: Path) -> No
         summary = train(recipe, console)
     assert summary["compiles"] == 0
     assert "the first step compiled no graph, so the 2 compiled decoder layers ran eagerly" in console.export_text()
+
+
+def test_the_micro_batches_of_a_step_read_nothing_back_but_trls_metrics_and_count_tokens_as_transformers(
+        tmp_path: Path, monkeypatch) -> None:
+    """Between a micro-batch's backward pass and the optimizer step the CPU does not wait for the GPU, so it can
+    queue the optimizer step while the GPU finishes the backward: qlora's trainer keeps the token count on the device
+    until the step ends, counts the model's parameters for the FLOP estimate once, and does not look at each
+    micro-batch's loss (transformers' NaN filter; a NaN stops the run instead). The read-backs left inside the
+    micro-batches are the forward pass's (TRL's token accuracy and entropy, transformers' attention-mask shortcut).
+    The tokens counted per step are the ones transformers' own bookkeeping counts."""
+    from torch.overrides import TorchFunctionMode
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    from qlora_cli.reliability import atomic_checkpoint_trainer
+
+    QLORA_DIRS = {"qlora_cli", "commands"}
+
+    class ReadBacks(TorchFunctionMode):
+        """Who reads a tensor's value back to Python, and in which part of the step."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.phase, self.seen = "setup", set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("item", "__bool__", "__int__", "__float__", "tolist"):
+                frame = sys._getframe(1)
+                while frame and "/torch/" in frame.f_code.co_filename:
+                    frame = frame.f_back
+                where = f"{Path(frame.f_code.co_filename).parent.name}/{Path(frame.f_code.co_filename).name}"
+                self.seen.add((self.phase, where, frame.f_code.co_name))
+            return func(*args, **(kwargs or {}))
+
+    class Steps(TrainerCallback):
+        def __init__(self, mode: ReadBacks | None) -> None:
+            self.mode, self.tokens = mode, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.mode:
+                self.mode.phase = "micro-batches"
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if self.mode:
+                self.mode.phase = "step end"
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.tokens.append(state.num_input_tokens_seen)
+
+    overrides = ["training.max_steps=3", "training.gradient_accumulation_steps=2", "training.logging_steps=100",
+                 "training.save_steps=100", "evaluation.compare_after_training=0", "training.sft_args={}"]
+    mode = ReadBacks()
+    ours = Steps(mode)
+    with mode:
+        train(demo_recipe(tmp_path / "a", *overrides), Console(record=True, width=120), callbacks=[ours])
+    inside = {(where, fn) for phase, where, fn in mode.seen if phase == "micro-batches"}
+    assert ("trainer/sft_trainer.py", "compute_loss") in inside  # the forward pass's own read-backs are seen
+    bookkeeping = {(w, fn) for w, fn in inside if w == "transformers/trainer.py" or w.split("/")[0] in QLORA_DIRS}
+    assert not bookkeeping, bookkeeping
+    assert ("step end", "qlora_cli/reliability.py", "count_pending_tokens") in mode.seen
+
+    monkeypatch.setattr(atomic_checkpoint_trainer(), "_track_num_input_tokens", SFTTrainer._track_num_input_tokens)
+    theirs = Steps(None)
+    train(demo_recipe(tmp_path / "b", *overrides), Console(record=True, width=120), callbacks=[theirs])
+    assert ours.tokens == theirs.tokens and ours.tokens[0] > 0
 
 
 def test_steady_tokens_per_s_leaves_out_warm_up_compiles_evaluations_and_saves() -> None:

@@ -101,6 +101,9 @@ def build_sft_config(recipe: Recipe, run: RunDir, device: Device, precision: str
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
+        # transformers would read every micro-batch's loss back to replace a NaN by the running mean, making the CPU
+        # wait for the backward pass; a NaN stops the run instead (StopOnNonFinite), so it is logged as it is
+        logging_nan_inf_filter=False,
         max_length=recipe.data.max_length,
         packing=recipe.data.packing,
         completion_only_loss=True,
