@@ -216,7 +216,8 @@ def usual_args(a: argparse.Namespace, output: str, **extra: Any):
 
 
 def run_baseline(ckpt: Path, data: Path, a: argparse.Namespace, liger: bool) -> dict:
-    """The usual recipe, written plainly as the blog posts do."""
+    """The usual recipe, written plainly as the blog posts do (without transformers 5.25's Hub kernels, which those
+    posts predate and which an offline machine cannot fetch)."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, prepare_model_for_kbit_training
@@ -228,7 +229,7 @@ def run_baseline(ckpt: Path, data: Path, a: argparse.Namespace, liger: bool) -> 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa",
+                                                 attn_implementation="sdpa", use_kernels=False,
                                                  device_map={"": 0} if cuda else None)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     load_s = time.perf_counter() - t0

@@ -98,6 +98,15 @@ def test_an_existing_run_directory_is_not_overwritten(trained_run, console) -> N
     assert run.is_complete()
 
 
+def test_models_load_without_kernels_from_the_hub(tmp_path: Path) -> None:
+    """transformers 5.25 swaps layers for kernels fetched from the Hugging Face Hub at every load unless told not
+    to (offline on CUDA the load fails; online the layers qlora compiles are replaced): qlora loads without them."""
+    from qlora_cli.model import load_model
+
+    model = load_model(demo_recipe(tmp_path), Device("cpu", "CPU", None, True), "bf16")
+    assert not getattr(model, "use_kernels", False)
+
+
 def test_4bit_training_without_gpu_needs_an_explicit_opt_in(tmp_path: Path, console) -> None:
     recipe = demo_recipe(tmp_path, "training.allow_cpu=false")
     with pytest.raises(UserError, match="no CUDA GPU is visible") as e:
