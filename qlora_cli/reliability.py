@@ -311,7 +311,8 @@ def fsync_tree(path: Path) -> None:
 
 @functools.cache
 def atomic_checkpoint_trainer() -> type:
-    """trl.SFTTrainer whose checkpoints appear in one rename, checked for disk space first."""
+    """trl.SFTTrainer whose checkpoints appear in one rename, checked for disk space first, and whose steps do not
+    wait for the GPU before the optimizer step."""
     from transformers import TrainerCallback
     from transformers.trainer_utils import rotate_checkpoints
     from trl import SFTTrainer
