@@ -309,6 +309,57 @@ def fsync_tree(path: Path) -> None:
 # ------------------------------------------------------------------------------------------ the trainer
 
 
+def without_per_parameter_sync(optimizer_cls: type) -> type:
+    """bitsandbytes' optimizers (0.50) wait for the GPU after every parameter's update (`sync_gpu(p)` in
+    `Optimizer8bit.step`): 448 waits a step for a 7B model's adapter, the GPU idle between updates, and the first
+    wait holds the CPU until the backward pass is done. Their kernels run in order on the CUDA default stream, so
+    while torch computes on that stream the waits change nothing. This subclass leaves them out (keeping
+    bitsandbytes' one wait at the end of a paged step) and waits as bitsandbytes does on any other stream or
+    device. Other optimizer classes are returned as they are."""
+    import torch
+    from bitsandbytes.optim.optimizer import Optimizer8bit
+    from bitsandbytes.utils import sync_gpu
+
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer8bit)):
+        return optimizer_cls
+
+    def on_default_streams(params: list[torch.Tensor]) -> bool:
+        devices = {p.device for p in params}
+        return all(d.type == "cuda" and torch.cuda.current_stream(d) == torch.cuda.default_stream(d)
+                   for d in devices)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # bitsandbytes' step, with its per-parameter wait made conditional
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.initialized:
+            self.check_overrides()
+            self.to_gpu()
+            self.initialized = True
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        wait_each = not on_default_streams(params)
+        for gindex, group in enumerate(self.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if len(self.state[p]) == 0:
+                    self.init_state(group, p, gindex, pindex)
+                self.prefetch_state(p)
+                self.update_step(group, p, gindex, pindex)
+                if wait_each:
+                    sync_gpu(p)
+        if self.is_paged and params:
+            sync_gpu(params[-1])
+        return loss
+
+    # transformers recognises bitsandbytes optimizers by "bitsandbytes" in str(class) (trained embeddings then keep
+    # 32-bit state), hence the name
+    name = f"bitsandbytes_{optimizer_cls.__name__}_without_per_parameter_sync"
+    return type(name, (optimizer_cls,), {"step": step, "__doc__": without_per_parameter_sync.__doc__})
+
+
 @functools.cache
 def atomic_checkpoint_trainer() -> type:
     """trl.SFTTrainer whose checkpoints appear in one rename, checked for disk space first, and whose steps do not
@@ -347,6 +398,12 @@ def atomic_checkpoint_trainer() -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.callback_handler.callbacks.insert(0, TokenCountAtStepEnd(self))  # before the others read it
+
+        @staticmethod
+        def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+            """transformers' choice for `training.optim`; bitsandbytes' without its wait after every parameter."""
+            optimizer_cls, kwargs = SFTTrainer.get_optimizer_cls_and_kwargs(args, model)
+            return without_per_parameter_sync(optimizer_cls), kwargs
 
         def floating_point_ops(self, inputs: dict[str, Any]) -> int:
             """transformers' estimate (6 × tokens × parameters without embeddings) with the parameters counted

@@ -1,0 +1,119 @@
+"""The optimizer step alone, on the LoRA adapter of a real shape (r=16 on the seven projections, bf16 weights):
+bitsandbytes' optimizer as transformers builds it for `training.optim` against qlora's subclass without
+bitsandbytes' wait after every parameter (`without_per_parameter_sync` in qlora_cli/reliability.py).
+
+    python scripts/bench_optimizer.py --shape mistral7b --steps 30            # on a CUDA GPU
+
+Prints, per variant, the median wall time of a step on an idle GPU and of a step queued behind `--busy-ms` of other
+GPU work (as it is behind the backward pass's tail in training; the work's own time is subtracted), and whether
+both variants leave the same weights, bit for bit, after the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+SHAPES = {  # hidden, key/value width, intermediate, layers
+    "mistral7b": (4096, 1024, 14336, 32),
+    "llama3-8b": (4096, 1024, 14336, 32),
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def adapter(shape: str, rank: int, seed: int, device: str) -> list[torch.nn.Parameter]:
+    hidden, kv, inter, layers = SHAPES[shape]
+    dims = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter),
+            (inter, hidden)]  # q k v o gate up down: (in, out)
+    g = torch.Generator(device=device).manual_seed(seed)
+    params = []
+    for _ in range(layers):
+        for d_in, d_out in dims:
+            for rows, cols in ((rank, d_in), (d_out, rank)):
+                p = torch.nn.Parameter(torch.randn(rows, cols, device=device, generator=g, dtype=torch.bfloat16) / 64)
+                p.grad = torch.randn(rows, cols, device=device, generator=g, dtype=torch.bfloat16) / 1000
+                params.append(p)
+    return params
+
+
+def build(optim: str, params: list[torch.nn.Parameter], unsynced: bool) -> torch.optim.Optimizer:
+    from transformers import Trainer, TrainingArguments
+
+    from qlora_cli.reliability import without_per_parameter_sync
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, optim=optim, learning_rate=2e-4, report_to="none")
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, None)
+    return (without_per_parameter_sync(cls) if unsynced else cls)(params, **kwargs)
+
+
+def busy(ms: float, device: str) -> tuple[float, int, torch.Tensor, torch.Tensor]:
+    """Operands for about `ms` of matrix products: (seconds per product, products, a, b)."""
+    a = torch.randn(8192, 4096, device=device, dtype=torch.bfloat16)
+    b = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    per = (time.perf_counter() - t0) / 10
+    return per, max(1, round(ms / 1e3 / per)), a, b
+
+
+def run(optim: str, unsynced: bool, a: argparse.Namespace) -> dict:
+    params = adapter(a.shape, a.rank, 0, a.device)
+    opt = build(optim, params, unsynced)
+    per, n, x, w = busy(a.busy_ms, a.device)
+    alone, behind = [], []
+    for i in range(a.warmup + a.steps):
+        sync(a.device)
+        t0 = time.perf_counter()
+        opt.step()
+        sync(a.device)
+        t1 = time.perf_counter()
+        for _ in range(n):
+            x @ w
+        opt.step()
+        sync(a.device)
+        t2 = time.perf_counter()
+        if i >= a.warmup:
+            alone.append(t1 - t0)
+            behind.append(t2 - t1 - n * per)
+    return {"alone_ms": 1e3 * statistics.median(alone), "behind_ms": 1e3 * statistics.median(behind),
+            "busy_ms": 1e3 * n * per, "weights": [p.detach().clone() for p in params],
+            "tensors": len(params), "class": type(opt).__name__}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="mistral7b", choices=sorted(SHAPES))
+    p.add_argument("--optim", default="paged_adamw_8bit,adamw_bnb_8bit")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--busy-ms", type=float, default=50.0)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the script")
+    a = p.parse_args()
+    name = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
+    print(f"{name}, {a.shape} adapter r={a.rank}, {a.steps} timed steps after {a.warmup}")
+    print(f"{'optim':<18}{'variant':<34}{'tensors':>8}{'alone ms':>10}{'behind ms':>11}{'same weights':>14}")
+    for optim in a.optim.split(","):
+        ref = run(optim, False, a)
+        new = run(optim, True, a)
+        same = all(torch.equal(x, y) for x, y in zip(ref["weights"], new["weights"]))
+        for label, r in (("bitsandbytes' step", ref), ("without per-parameter wait", new)):
+            print(f"{optim:<18}{label:<34}{r['tensors']:>8}{r['alone_ms']:>10.2f}{r['behind_ms']:>11.2f}"
+                  f"{str(same):>14}")
+    print(f"behind: the step queued after ~{a.busy_ms:g} ms of matrix products, their own time subtracted")
+
+
+if __name__ == "__main__":
+    main()
