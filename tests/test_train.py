@@ -270,6 +270,41 @@ def test_the_micro_batches_of_a_step_read_nothing_back_but_trls_metrics_and_coun
     assert ours.tokens == theirs.tokens and ours.tokens[0] > 0
 
 
+def test_bitsandbytes_optimizers_step_like_bitsandbytes_without_waiting_after_each_parameter(tmp_path: Path) -> None:
+    """`training.optim: paged_adamw_8bit` (and the other bitsandbytes optimizers) become bitsandbytes' class with
+    its step minus the wait for the GPU after every parameter (on the CUDA default stream; elsewhere it waits as
+    bitsandbytes does). Three steps leave the same weights and 8-bit state as bitsandbytes' own step, bit for bit.
+    transformers still recognises it as bitsandbytes (trained embeddings keep 32-bit state)."""
+    import torch
+    from transformers import TrainingArguments
+
+    from qlora_cli.reliability import atomic_checkpoint_trainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit", learning_rate=1e-2,
+                             report_to="none")
+    ours, kwargs = atomic_checkpoint_trainer().get_optimizer_cls_and_kwargs(args)
+    theirs = ours.__mro__[1]
+    assert theirs.__module__.startswith("bitsandbytes") and "bitsandbytes" in str(ours) and ours.step is not theirs.step
+
+    def steps(cls: type) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.bfloat16))
+                  for shape in ((16, 4096), (4096, 16), (16, 300))]  # the last one gets 32-bit state (< 4096)
+        start = [p.detach().clone() for p in params]
+        opt = cls(params, **kwargs)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.bfloat16)
+            opt.step()
+        state = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+        assert all(not torch.equal(p, p0) for p, p0 in zip(params, start))  # every weight moved
+        return [p.detach() for p in params], state
+
+    (w1, s1), (w2, s2) = steps(ours), steps(theirs)
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2)) and len(s1) == len(s2) > 0
+    assert all(torch.equal(a, b) for a, b in zip(s1, s2))
+
+
 def test_steady_tokens_per_s_leaves_out_warm_up_compiles_evaluations_and_saves() -> None:
     clock = StepClock()
     assert clock.add(40.0, 8000, compiled=3, first=True, eval_or_save=False) == "warm-up"  # first step compiles
