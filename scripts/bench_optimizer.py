@@ -12,16 +12,13 @@ is subtracted), and whether both variants leave the same weights, bit for bit, a
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 
 import torch
-
-SHAPES = {  # hidden, key/value width, intermediate, layers
-    "mistral7b": (4096, 1024, 14336, 32),
-    "llama3-8b": (4096, 1024, 14336, 32),
-}
+from bench_train import REPO, SHAPES  # scripts/ is on the path when this file runs
 
 
 def sync(device: str) -> None:
@@ -30,7 +27,10 @@ def sync(device: str) -> None:
 
 
 def adapter(shape: str, rank: int, seed: int, device: str) -> list[torch.nn.Parameter]:
-    hidden, kv, inter, layers = SHAPES[shape]
+    """The adapter's weights (with gradients) for the shape's config in qlora_cli/models, as bench_train uses it."""
+    cfg = json.loads((REPO / "qlora_cli" / "models" / SHAPES[shape]).read_text())
+    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * (cfg.get("head_dim") or hidden // cfg["num_attention_heads"])
     dims = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter),
             (inter, hidden)]  # q k v o gate up down: (in, out)
     g = torch.Generator(device=device).manual_seed(seed)

@@ -27,11 +27,9 @@ Variants (`--variants`, comma-separated):
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -155,12 +153,9 @@ class Timer:
                     table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
                                                            max_name_column_width=70)
                     timer.profile_to.write_text(table)
-                    # the timeline, for where the GPU waits (scripts/gpu_gaps.py reads it)
-                    trace = timer.profile_to.with_name(timer.profile_to.stem.replace("profile-", "trace-") + ".json")
-                    self.prof.export_chrome_trace(str(trace))
-                    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                    trace.unlink()
+                    # the timeline, for where the GPU waits (scripts/gpu_gaps.py reads it); torch gzips a .gz path
+                    trace = timer.profile_to.stem.replace("profile-", "trace-") + ".json.gz"
+                    self.prof.export_chrome_trace(str(timer.profile_to.with_name(trace)))
                     self.prof = None
 
             def on_log(self, args, state, control, logs=None, **kwargs):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, demo_recipe
-from rich.console import Console
 
 from qlora_cli.commands.train import StepClock, build_sft_config, dry_run, eval_loss_row, shape_args, train
 from qlora_cli.errors import UserError
@@ -205,8 +204,8 @@ def test_compiled_layers_that_compile_nothing_are_reported(tmp_path: Path) -> No
     assert "the first step compiled no graph, so the 2 compiled decoder layers ran eagerly" in console.export_text()
 
 
-def test_the_micro_batches_of_a_step_read_nothing_back_but_trls_metrics_and_count_tokens_as_transformers(
-        tmp_path: Path, monkeypatch) -> None:
+def test_the_step_bookkeeping_reads_nothing_back_before_the_optimizer_step_and_counts_tokens_as_transformers(
+        tmp_path: Path, monkeypatch, console) -> None:
     """Between a micro-batch's backward pass and the optimizer step the CPU does not wait for the GPU, so it can
     queue the optimizer step while the GPU finishes the backward: qlora's trainer keeps the token count on the device
     until the step ends, counts the model's parameters for the FLOP estimate once, and does not look at each
@@ -257,7 +256,7 @@ def test_the_micro_batches_of_a_step_read_nothing_back_but_trls_metrics_and_coun
     mode = ReadBacks()
     ours = Steps(mode)
     with mode:
-        train(demo_recipe(tmp_path / "a", *overrides), Console(record=True, width=120), callbacks=[ours])
+        train(demo_recipe(tmp_path / "a", *overrides), console, callbacks=[ours])
     inside = {(where, fn) for phase, where, fn in mode.seen if phase == "micro-batches"}
     assert ("trainer/sft_trainer.py", "compute_loss") in inside  # the forward pass's own read-backs are seen
     bookkeeping = {(w, fn) for w, fn in inside if w == "transformers/trainer.py" or w.split("/")[0] in QLORA_DIRS}
@@ -266,7 +265,7 @@ def test_the_micro_batches_of_a_step_read_nothing_back_but_trls_metrics_and_coun
 
     monkeypatch.setattr(atomic_checkpoint_trainer(), "_track_num_input_tokens", SFTTrainer._track_num_input_tokens)
     theirs = Steps(None)
-    train(demo_recipe(tmp_path / "b", *overrides), Console(record=True, width=120), callbacks=[theirs])
+    train(demo_recipe(tmp_path / "b", *overrides), console, callbacks=[theirs])
     assert ours.tokens == theirs.tokens and ours.tokens[0] > 0
 
 
