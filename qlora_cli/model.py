@@ -243,59 +243,41 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, **compile_kwargs: Any) -> int:
+def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, recompute_down_proj: bool = False,
+                   **compile_kwargs: Any) -> int:
     """torch.compile each decoder layer in place (regional compilation); returns how many were compiled.
 
     Layers share one class, so the first compile is reused by the others. In place (`Module.compile`), so
     parameter names, checkpoints and the saved adapter are unchanged. Under gradient checkpointing the checkpoint
-    wraps the compiled call (`checkpoint_around`), whichever transformers version is installed.
-    `dynamic=True` compiles once for every sequence length (batches whose lengths vary); `None` (torch's default)
-    specialises to the first shape and recompiles, dynamic, at the second.
+    wraps the compiled call (`checkpoint_around`), whichever transformers version is installed, and the frozen
+    part of the MLP's output projection runs outside it, once (`deferrable_projection`), unless
+    `recompute_down_proj`. `dynamic=True` compiles once for every sequence length (batches whose lengths vary);
+    `None` (torch's default) specialises to the first shape and recompiles, dynamic, at the second.
     """
+    from .recompute import checkpoint_around, deferrable_projection
+
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=dynamic, **compile_kwargs)
         if getattr(layer, "gradient_checkpointing", False):
-            checkpoint_around(layer)
+            base = None if recompute_down_proj else deferrable_projection(layer)
+            checkpoint_around(layer, base, dynamic=dynamic, **compile_kwargs)
     return len(layers)
-
-
-def checkpoint_around(layer: torch.nn.Module) -> None:
-    """Take the layer's gradient checkpoint around its compiled call, not inside the compiled graph.
-
-    transformers 5.23+ checkpoints each layer's `forward`, which `Module.compile` compiles: the checkpoint is then
-    traced by torch.compile, and flex attention (the CUDA default for packed rows) cannot be traced inside one, so
-    it ran unfused (a 7B-shape run did not finish 34 steps in 400 s on an H200; docs/performance.md).
-    transformers up to 5.22 checkpointed `__call__`, around the compiled call, which is what this restores.
-    transformers' own checkpoint is kept off at every call, since `Trainer.train()` enables it again when it starts
-    (on 5.17 that nested a second checkpoint around this one in the first step only); `uncompile_layers` gives it
-    back.
-    """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    compiled = layer._compiled_call_impl
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        layer.gradient_checkpointing = False  # Trainer.train() turns transformers' own back on when it starts
-        if layer.training and torch.is_grad_enabled():
-            return checkpoint(compiled, *args, use_reentrant=False, **kwargs)
-        return compiled(*args, **kwargs)
-
-    call.checkpoint_around = True
-    layer.gradient_checkpointing = False
-    layer._compiled_call_impl = call
 
 
 def uncompile_layers(model: torch.nn.Module) -> None:
     """Back to eager layers (generation with a KV cache would recompile for every new length)."""
     from .nf4 import use_bitsandbytes_forward
+    from .recompute import undefer_projection
 
-    use_bitsandbytes_forward(model)  # bitsandbytes' own kernels are the fast ones for generation's small batches
     for layer in decoder_layers(model):
-        if getattr(layer._compiled_call_impl, "checkpoint_around", False):
+        call = layer._compiled_call_impl
+        if getattr(call, "checkpoint_around", False):
             layer.gradient_checkpointing = True
+            if call.deferred is not None:
+                undefer_projection(call.deferred)
         layer._compiled_call_impl = None
+    use_bitsandbytes_forward(model)  # bitsandbytes' own kernels are the fast ones for generation's small batches
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -9,6 +9,9 @@
 #   bash docs/bench/issue14-gpu.sh f   # gradient checkpoint inside the compiled layers (transformers 5.23+'s way,
 #     # commit 6cc0368's code in bench-inside/: git archive 6cc0368 qlora_cli scripts recipes | tar -x -C bench-inside)
 #     # vs around them (qlora's), 2-layer Mistral-7B-width model; then the Mistral-7B shape, around
+#   bash docs/bench/issue14-gpu.sh g   # Mistral-7B: baseline, qlora, qlora recomputing the down projection (sixth
+#     # session's change off), one run, two steps of each profiled; GPU idle gaps of qlora's timeline
+#   bash docs/bench/issue14-gpu.sh h   # Llama-3-8B: baseline vs qlora; then Mistral-7B with lora_dropout 0
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -57,4 +60,17 @@ PY
   grep -h RESULT "$OUT/a-inside.log" "$OUT/d-around.log" | cut -c1-300
   python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 4 --docs 3000 --workdir $W --variants qlora \
     --out "$OUT/mistral7b-around-h200.json" 2>&1 | tee "$OUT/full.log"
+elif [ "$1" = g ]; then
+  python3 scripts/bench_train.py --shape mistral7b --steps 30 --baseline-steps 25 --warmup 4 --docs 3000 \
+    --workdir $W --variants "baseline,qlora,qlora-training.recompute_down_proj=true" --profile-dir /tmp/prof \
+    --out "$OUT/mistral7b-defer-h200.json" 2>&1 | tee "$OUT/mistral7b.log"
+  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora.json.gz > "$OUT/gaps-qlora.txt"
+  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora-training.recompute_down_proj_true.json.gz > "$OUT/gaps-recompute.txt"
+  cp /tmp/prof/profile-qlora.txt /tmp/prof/trace-qlora.json.gz "$OUT/"
+  cp /tmp/prof/profile-qlora-training.recompute_down_proj_true.txt "$OUT/profile-qlora-recompute.txt"
+elif [ "$1" = h ]; then
+  python3 scripts/bench_train.py --shape llama3-8b --steps 27 --baseline-steps 25 --warmup 4 --docs 3000 \
+    --workdir $W --variants baseline,qlora --out "$OUT/llama3-8b-defer-h200.json" 2>&1 | tee "$OUT/llama3-8b.log"
+  python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 4 --docs 3000 --workdir $W \
+    --variants "qlora-lora.lora_dropout=0" --out "$OUT/mistral7b-dropout0-defer-h200.json" 2>&1 | tee "$OUT/dropout0.log"
 fi

@@ -193,7 +193,8 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
         return 0
     if recipe.training.compile_nf4:
         use_compiled_dequantization(model)
-    return compile_layers(model, dynamic=None if recipe.data.packing else True)
+    return compile_layers(model, dynamic=None if recipe.data.packing else True,
+                          recompute_down_proj=recipe.training.recompute_down_proj)
 
 
 def compiled_graphs() -> int:
