@@ -330,6 +330,7 @@ training:
 def make_timer(a: argparse.Namespace, variant: str) -> Timer:
     if not a.profile_dir:
         return Timer()
+    Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
     # two steps, so the boundary between them (logging, the next batch, the optimizer) is in the timeline
     return Timer(Path(a.profile_dir) / f"profile-{name}.txt", (a.warmup + 1, a.warmup + 3))
