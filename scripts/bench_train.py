@@ -116,9 +116,9 @@ def compiled_graphs() -> int:
 
 
 class Timer:
-    """A TrainerCallback recording wall time and real tokens at each logged step (logging_steps=1).
+    """A TrainerCallback recording wall time and real tokens at each logged step (every `--log-every` steps).
 
-    Logging reads the loss with `.item()`, which waits for the GPU, so consecutive times are step times.
+    Logging reads the loss with `.item()`, which waits for the GPU, so the times between logs are the steps'.
     """
 
     def __init__(self, profile_to: Path | None = None, profile_steps: tuple[int, int] = (0, 0)) -> None:
@@ -174,16 +174,16 @@ def summarize(records: list[dict], warmup: int, load_s: float, device: str, skip
     """Tokens/s and step times over the steps after `warmup`, leaving out the steps in `skip` (profiled ones)."""
     import torch
 
-    timed = [r for r in records if r["step"] >= warmup]  # the first interval ends at step warmup + 1
-    intervals = [(b["t"] - a["t"], b["tokens"] - a["tokens"]) for a, b in zip(timed, timed[1:])
-                 if b["step"] not in skip]
-    steps = [dt for dt, _ in intervals]
-    tokens = sum(n for _, n in intervals)
-    elapsed = sum(steps)
+    timed = [r for r in records if r["step"] >= warmup]  # the first interval ends at the next logged step
+    intervals = [(b["t"] - a["t"], b["tokens"] - a["tokens"], b["step"] - a["step"]) for a, b in zip(timed, timed[1:])
+                 if not skip & set(range(a["step"] + 1, b["step"] + 1))]
+    steps = [dt / n for dt, _, n in intervals]  # per step, when logging every few steps
+    tokens = sum(t for _, t, _ in intervals)
+    elapsed = sum(dt for dt, _, _ in intervals)
     out = {
         "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
         "median_step_s": statistics.median(steps) if steps else None,
-        "timed_steps": len(steps),
+        "timed_steps": sum(n for _, _, n in intervals),
         "load_s": load_s,
         "losses": [round(r["loss"], 5) for r in records],
         "step_s": [round(b["t"] - a["t"], 3) for a, b in zip(records, records[1:])],
@@ -204,7 +204,7 @@ def usual_args(a: argparse.Namespace, output: str, **extra: Any):
         output_dir=str(a.workdir / output), per_device_train_batch_size=a.micro_batch,
         gradient_accumulation_steps=1, max_steps=a.warmup + a.steps + 1, learning_rate=2e-4,
         lr_scheduler_type="cosine", warmup_steps=0.03, optim="paged_adamw_8bit", bf16=True, packing=True,
-        max_length=a.seq_len, logging_steps=1, save_strategy="no", report_to="none",
+        max_length=a.seq_len, logging_steps=a.log_every, save_strategy="no", report_to="none",
         include_num_input_tokens_seen="non_padding", use_cpu=a.device != "cuda", seed=42, data_seed=42,
         disable_tqdm=True, max_grad_norm=0.3, **extra,
     )
@@ -313,7 +313,7 @@ training:
   learning_rate: 2.0e-4
   lr_scheduler_type: cosine
   warmup_steps: 0.03
-  logging_steps: 1
+  logging_steps: {a.log_every}
   save_steps: 100000
   allow_cpu: {str(not cuda).lower()}
 """)
@@ -378,6 +378,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--baseline-steps", type=int, default=None, help="timed steps of the baseline variants "
                    "(default: --steps)")
+    p.add_argument("--log-every", type=int, default=1, help="log (and time) every N steps; each log reads the loss "
+                   "back, so the CPU waits for the GPU there (real runs log every 10); --warmup and --steps should be "
+                   "multiples of N")
     p.add_argument("--docs", type=int, default=3000, help="synthetic documents (rows)")
     p.add_argument("--data-kind", default="text", choices=["text", "intents"])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -401,7 +404,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", variant, "--ckpt", str(ckpt), "--data", str(data),
                "--micro-batch", str(a.micro_batch), "--seq-len", str(a.seq_len), "--steps", str(a.steps),
                "--warmup", str(a.warmup), "--device", a.device, "--workdir", str(a.workdir),
-               "--data-kind", a.data_kind, *(["--baseline-steps", str(a.baseline_steps)] if a.baseline_steps else [])]
+               "--data-kind", a.data_kind, "--log-every", str(a.log_every),
+               *(["--baseline-steps", str(a.baseline_steps)] if a.baseline_steps else [])]
         if a.profile_dir:
             cmd += ["--profile-dir", a.profile_dir]
         t0 = time.perf_counter()

@@ -12,6 +12,8 @@
 #   bash docs/bench/issue14-gpu.sh g   # Mistral-7B: baseline, qlora, qlora recomputing the down projection (sixth
 #     # session's change off), one run, two steps of each profiled; GPU idle gaps of qlora's timeline
 #   bash docs/bench/issue14-gpu.sh h   # Llama-3-8B: baseline vs qlora; then Mistral-7B with lora_dropout 0
+#   bash docs/bench/issue14-gpu.sh i   # Mistral-7B: baseline vs qlora, both logging every 5 steps (as runs do)
+#   bash docs/bench/issue14-gpu.sh j   # the same on the Llama-3-8B shape
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -73,4 +75,8 @@ elif [ "$1" = h ]; then
     --workdir $W --variants baseline,qlora --out "$OUT/llama3-8b-defer-h200.json" 2>&1 | tee "$OUT/llama3-8b.log"
   python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 4 --docs 3000 --workdir $W \
     --variants "qlora-lora.lora_dropout=0" --out "$OUT/mistral7b-dropout0-defer-h200.json" 2>&1 | tee "$OUT/dropout0.log"
+elif [ "$1" = i ] || [ "$1" = j ]; then
+  shape=$([ "$1" = i ] && echo mistral7b || echo llama3-8b)
+  python3 scripts/bench_train.py --shape $shape --steps 30 --baseline-steps 25 --warmup 5 --log-every 5 \
+    --docs 3000 --workdir $W --variants baseline,qlora --out "$OUT/$shape-log5-h200.json" 2>&1 | tee "$OUT/$shape.log"
 fi
