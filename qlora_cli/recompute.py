@@ -14,8 +14,6 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import nf4
-
 
 def checkpoint_around(layer: torch.nn.Module, deferred: torch.nn.Module | None = None, **compile_kwargs: Any) -> None:
     """Take the layer's gradient checkpoint around its compiled call, not inside the compiled graph.
@@ -88,10 +86,10 @@ def deferrable_projection(layer: torch.nn.Module) -> torch.nn.Module | None:
 class _Deferral:
     """While `active`, a deferred projection keeps its input here and adds nothing."""
 
-    def __init__(self, nf4: bool) -> None:
+    def __init__(self, forward: Any) -> None:
         self.active = False
         self.input: torch.Tensor | None = None
-        self.nf4 = nf4  # the layer's forward was qlora_cli/nf4.py's
+        self.forward = forward  # the layer's own `forward` attribute (qlora_cli/nf4.py sets one), or None
 
 
 def _deferred_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -99,12 +97,14 @@ def _deferred_forward(self: torch.nn.Module, x: torch.Tensor, *args: Any, **kwar
     if state.active:
         state.input = x
         return x.new_zeros(())  # the adapter's output adds to it; the layer's output is the residual plus that
-    return (nf4._forward if state.nf4 else type(self).forward)(self, x, *args, **kwargs)
+    if state.forward is not None:
+        return state.forward(x, *args, **kwargs)
+    return type(self).forward(self, x, *args, **kwargs)
 
 
 def defer_projection(base: torch.nn.Module) -> _Deferral:
     """Route `base` through `_deferred_forward`; returns the state that switches it."""
-    state = _Deferral(nf4=getattr(vars(base).get("forward"), "__func__", None) is nf4._forward)
+    state = _Deferral(vars(base).get("forward"))
     base.qlora_deferral = state
     base.forward = types.MethodType(_deferred_forward, base)
     return state
@@ -113,8 +113,8 @@ def defer_projection(base: torch.nn.Module) -> _Deferral:
 def undefer_projection(base: torch.nn.Module) -> None:
     """Undo `defer_projection`."""
     state = vars(base).pop("qlora_deferral")
-    if state.nf4:
-        base.forward = types.MethodType(nf4._forward, base)
+    if state.forward is not None:
+        base.forward = state.forward
     else:
         del base.forward
 
