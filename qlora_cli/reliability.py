@@ -313,9 +313,17 @@ def without_per_parameter_sync(optimizer_cls: type) -> type:
     """bitsandbytes' optimizers (0.50) wait for the GPU after every parameter's update (`sync_gpu(p)` in
     `Optimizer8bit.step`): 448 waits a step for a 7B model's adapter, the GPU idle between updates, and the first
     wait holds the CPU until the backward pass is done. Their kernels run in order on the CUDA default stream, so
-    while torch computes on that stream the waits change nothing. This subclass leaves them out (keeping
-    bitsandbytes' one wait at the end of a paged step) and waits as bitsandbytes does on any other stream or
-    device. Other optimizer classes are returned as they are."""
+    while torch computes on that stream the waits change nothing. This subclass leaves them out, and waits as
+    bitsandbytes does on any other stream or device.
+
+    Paged optimizers keep their larger states (>= 100k elements: an r=16 adapter's MLP matrices) in CUDA managed
+    memory, which the driver may move to host memory when the GPU runs out. bitsandbytes asks the driver to bring
+    each of them back before its update (`cudaMemPrefetchAsync`, 192 calls a step for a 7B adapter, each queued on
+    the GPU) and then waits for the whole step. This subclass skips both: a kernel that touches an evicted page
+    faults it back by itself (the prefetch is only a hint), torch reaches these tensors only through CUDA work
+    queued in order, and a resident state (the usual case: an adapter's states are tens of MB) needs no move at
+    all. Same kernels, same order, same weights bit for bit (tests/test_train.py, scripts/bench_optimizer.py).
+    Other optimizer classes are returned as they are."""
     import torch
     from bitsandbytes.optim.optimizer import Optimizer8bit
     from bitsandbytes.utils import sync_gpu
@@ -329,7 +337,7 @@ def without_per_parameter_sync(optimizer_cls: type) -> type:
                    for d in devices)
 
     @torch.no_grad()
-    def step(self, closure=None):  # bitsandbytes' step, with its per-parameter wait made conditional
+    def step(self, closure=None):  # bitsandbytes' step without the prefetches and with the waits made conditional
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -346,12 +354,9 @@ def without_per_parameter_sync(optimizer_cls: type) -> type:
                     continue
                 if len(self.state[p]) == 0:
                     self.init_state(group, p, gindex, pindex)
-                self.prefetch_state(p)
                 self.update_step(group, p, gindex, pindex)
                 if wait_each:
                     sync_gpu(p)
-        if self.is_paged and params:
-            sync_gpu(params[-1])
         return loss
 
     # transformers recognises bitsandbytes optimizers by "bitsandbytes" in str(class) (trained embeddings then keep

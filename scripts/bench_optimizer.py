@@ -1,6 +1,7 @@
 """The optimizer step alone, on the LoRA adapter of a real shape (r=16 on the seven projections, bf16 weights):
 bitsandbytes' optimizer as transformers builds it for `training.optim` against qlora's subclass without
-bitsandbytes' wait after every parameter (`without_per_parameter_sync` in qlora_cli/reliability.py).
+bitsandbytes' wait after every parameter and, for paged states, without its prefetches and its wait at the end of
+the step (`without_per_parameter_sync` in qlora_cli/reliability.py).
 
     python scripts/bench_optimizer.py --shape mistral7b --steps 30            # on a CUDA GPU
 
@@ -107,7 +108,7 @@ def main() -> None:
         ref = run(optim, False, a)
         new = run(optim, True, a)
         same = all(torch.equal(x, y) for x, y in zip(ref["weights"], new["weights"]))
-        for label, r in (("bitsandbytes' step", ref), ("without per-parameter wait", new)):
+        for label, r in (("bitsandbytes' step", ref), ("qlora's: no waits, no prefetches", new)):
             print(f"{optim:<18}{label:<34}{r['tensors']:>8}{r['alone_ms']:>10.2f}{r['behind_ms']:>11.2f}"
                   f"{str(same):>14}")
     print(f"behind: the step queued after {ref['busy_ms']:.1f} ms of matrix products (median), that time subtracted "

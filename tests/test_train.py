@@ -272,8 +272,9 @@ def test_the_step_bookkeeping_reads_nothing_back_before_the_optimizer_step_and_c
 def test_bitsandbytes_optimizers_step_like_bitsandbytes_without_waiting_after_each_parameter(tmp_path: Path) -> None:
     """`training.optim: paged_adamw_8bit` (and the other bitsandbytes optimizers) become bitsandbytes' class with
     its step minus the wait for the GPU after every parameter (on the CUDA default stream; elsewhere it waits as
-    bitsandbytes does). Three steps leave the same weights and 8-bit state as bitsandbytes' own step, bit for bit.
-    transformers still recognises it as bitsandbytes (trained embeddings keep 32-bit state)."""
+    bitsandbytes does) and, for paged states, minus the prefetch before each update and the wait at the end. Three
+    steps leave the same weights and 8-bit state as bitsandbytes' own step, bit for bit. transformers still
+    recognises it as bitsandbytes (trained embeddings keep 32-bit state)."""
     import torch
     from transformers import TrainingArguments
 
@@ -288,7 +289,8 @@ def test_bitsandbytes_optimizers_step_like_bitsandbytes_without_waiting_after_ea
     def steps(cls: type) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         g = torch.Generator().manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.bfloat16))
-                  for shape in ((16, 4096), (4096, 16), (16, 300))]  # the last one gets 32-bit state (< 4096)
+                  for shape in ((16, 4096), (4096, 16), (16, 8192), (16, 300))]
+        # (16, 8192): paged state on CUDA (>= 100k elements); (16, 300): 32-bit state (< 4096 elements)
         start = [p.detach().clone() for p in params]
         opt = cls(params, **kwargs)
         for _ in range(3):

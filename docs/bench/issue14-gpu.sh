@@ -14,6 +14,12 @@
 #   bash docs/bench/issue14-gpu.sh h   # Llama-3-8B: baseline vs qlora; then Mistral-7B with lora_dropout 0
 #   bash docs/bench/issue14-gpu.sh i   # Mistral-7B: baseline vs qlora, both logging every 5 steps (as runs do)
 #   bash docs/bench/issue14-gpu.sh j   # the same on the Llama-3-8B shape
+#   bash docs/bench/issue14-gpu.sh k   # seventh session: the paged optimizer step without its prefetches and its
+#     # final wait, logging every 10 steps as the recipes do: optimizer table; Mistral-7B baseline, qlora, and
+#     # qlora at commit 0dff7a0 (the sixth session's code, in bench-old/:
+#     # git archive 0dff7a0 qlora_cli scripts recipes | tar -x -C bench-old), same checkpoint and data
+#   bash docs/bench/issue14-gpu.sh l   # seventh session: Llama-3-8B baseline vs qlora logging every 10 steps;
+#     # Mistral-7B qlora collating in a DataLoader worker
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -79,4 +85,18 @@ elif [ "$1" = i ] || [ "$1" = j ]; then
   shape=$([ "$1" = i ] && echo mistral7b || echo llama3-8b)
   python3 scripts/bench_train.py --shape $shape --steps 30 --baseline-steps 25 --warmup 5 --log-every 5 \
     --docs 3000 --workdir $W --variants baseline,qlora --out "$OUT/$shape-log5-h200.json" 2>&1 | tee "$OUT/$shape.log"
+elif [ "$1" = k ]; then
+  python3 scripts/bench_optimizer.py --shape mistral7b --steps 30 2>&1 | tee "$OUT/optimizer.txt"
+  L10="--steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W"
+  python3 scripts/bench_train.py --shape mistral7b $L10 --variants baseline,qlora \
+    --out "$OUT/mistral7b-log10-h200.json" 2>&1 | tee "$OUT/mistral7b.log"
+  (cd bench-old && python3 scripts/bench_train.py --shape mistral7b $L10 --variants qlora \
+    --out "$OUT/mistral7b-log10-0dff7a0-h200.json" 2>&1 | tee "$OUT/mistral7b-0dff7a0.log")
+elif [ "$1" = l ]; then
+  L10="--steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W"
+  python3 scripts/bench_train.py --shape llama3-8b $L10 --variants baseline,qlora \
+    --out "$OUT/llama3-8b-log10-h200.json" 2>&1 | tee "$OUT/llama3-8b.log"
+  rm -rf $W/ckpt-llama3-8b
+  python3 scripts/bench_train.py --shape mistral7b $L10 --variants "qlora-training.sft_args.dataloader_num_workers=1" \
+    --out "$OUT/mistral7b-log10-worker-h200.json" 2>&1 | tee "$OUT/mistral7b-worker.log"
 fi
