@@ -186,6 +186,7 @@ def summarize(records: list[dict], warmup: int, load_s: float, device: str, skip
         "timed_steps": sum(n for _, _, n in intervals),
         "load_s": load_s,
         "losses": [round(r["loss"], 5) for r in records],
+        "logged_steps": [r["step"] for r in records],  # step_s and step_tokens are per interval between these
         "step_s": [round(b["t"] - a["t"], 3) for a, b in zip(records, records[1:])],
         "step_tokens": [b["tokens"] - a["tokens"] for a, b in zip(records, records[1:])],
         "compiles_after_warmup": compiled_graphs() - timed[0]["graphs"],
