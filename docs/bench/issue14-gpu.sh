@@ -86,6 +86,7 @@ elif [ "$1" = i ] || [ "$1" = j ]; then
   python3 scripts/bench_train.py --shape $shape --steps 30 --baseline-steps 25 --warmup 5 --log-every 5 \
     --docs 3000 --workdir $W --variants baseline,qlora --out "$OUT/$shape-log5-h200.json" 2>&1 | tee "$OUT/$shape.log"
 elif [ "$1" = k ]; then
+  [ -f bench-old/scripts/bench_train.py ] || { echo "no bench-old/: make it here and carry it (see the top)"; exit 1; }
   python3 scripts/bench_optimizer.py --shape mistral7b --steps 30 2>&1 | tee "$OUT/optimizer.txt"
   L10="--steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W"
   python3 scripts/bench_train.py --shape mistral7b $L10 --variants baseline,qlora \
