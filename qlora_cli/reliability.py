@@ -322,7 +322,8 @@ def without_per_parameter_sync(optimizer_cls: type) -> type:
     the GPU) and then waits for the whole step. This subclass skips both: a kernel that touches an evicted page
     faults it back by itself (the prefetch is only a hint), torch reaches these tensors only through CUDA work
     queued in order, and a resident state (the usual case: an adapter's states are tens of MB) needs no move at
-    all. Same kernels, same order, same weights bit for bit (tests/test_train.py, scripts/bench_optimizer.py).
+    all. Same kernels, same order, same weights bit for bit (tests/test_train.py checks it on the CPU, where
+    nothing is paged; scripts/bench_optimizer.py checks it on a GPU).
     Other optimizer classes are returned as they are."""
     import torch
     from bitsandbytes.optim.optimizer import Optimizer8bit

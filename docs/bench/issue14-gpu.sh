@@ -25,6 +25,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATAS
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 W=/tmp/qlora-bench
+L10="--steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W"  # modes k and l: logging as the recipes do
 OLD_BANKING="qlora-data.packing=false;data.max_length=256;training.per_device_train_batch_size=16;training.gradient_accumulation_steps=2"
 if [ "$1" = a ]; then
   python3 scripts/bench_train.py --shape mistral7b --steps 100 --baseline-steps 25 --warmup 4 --docs 3000 \
@@ -88,13 +89,11 @@ elif [ "$1" = i ] || [ "$1" = j ]; then
 elif [ "$1" = k ]; then
   [ -f bench-old/scripts/bench_train.py ] || { echo "no bench-old/: make it here and carry it (see the top)"; exit 1; }
   python3 scripts/bench_optimizer.py --shape mistral7b --steps 30 2>&1 | tee "$OUT/optimizer.txt"
-  L10="--steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W"
   python3 scripts/bench_train.py --shape mistral7b $L10 --variants baseline,qlora \
     --out "$OUT/mistral7b-log10-h200.json" 2>&1 | tee "$OUT/mistral7b.log"
   (cd bench-old && python3 scripts/bench_train.py --shape mistral7b $L10 --variants qlora \
     --out "$OUT/mistral7b-log10-0dff7a0-h200.json" 2>&1 | tee "$OUT/mistral7b-0dff7a0.log")
 elif [ "$1" = l ]; then
-  L10="--steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W"
   python3 scripts/bench_train.py --shape llama3-8b $L10 --variants baseline,qlora \
     --out "$OUT/llama3-8b-log10-h200.json" 2>&1 | tee "$OUT/llama3-8b.log"
   rm -rf $W/ckpt-llama3-8b
