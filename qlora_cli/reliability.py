@@ -366,6 +366,54 @@ def without_per_parameter_sync(optimizer_cls: type) -> type:
     return type(name, (optimizer_cls,), {"step": step, "__doc__": without_per_parameter_sync.__doc__})
 
 
+def step_reports(args: Any, state: Any, control: Any = None) -> bool:
+    """Whether this step's end logs, saves, evaluates or ends training (transformers' `DefaultFlowCallback` steps,
+    or a callback that already asked for it): what is read back from the GPU must be current then."""
+    if control is not None and (control.should_log or control.should_save or control.should_evaluate
+                                or control.should_training_stop):
+        return True
+    step = state.global_step
+    if step >= state.max_steps or (step == 1 and args.logging_first_step):
+        return True
+    every = ((args.logging_strategy, state.logging_steps), (args.save_strategy, state.save_steps),
+             (args.eval_strategy, state.eval_steps))
+    return any(strategy == "steps" and n and step % n == 0 for strategy, n in every)
+
+
+class LaggedReadback:
+    """Device values read back a step later instead of at once: reading a value the GPU is still computing makes the
+    CPU wait with nothing queued behind it, so the GPU then idles while the CPU prepares the next step. `put` starts
+    a copy to host memory that the GPU makes when it gets there; `take` returns the values put so far (by then long
+    copied, on CUDA); `put(..., now=True)` waits instead, for the steps that log or save."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Any, Any, Any]] = []  # (host tensor, CUDA event or None, tag)
+
+    def put(self, value: torch.Tensor, tag: Any = None) -> None:
+        import torch
+
+        value = value.detach()
+        if value.is_cuda:
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((host, event, tag))
+        else:
+            self._pending.append((value.clone(), None, tag))
+
+    def take(self, keep_latest: bool = False) -> list[tuple[Any, Any]]:
+        """(value as a Python number, tag) for what was put so far, oldest first; `keep_latest` leaves the newest
+        in flight."""
+        ready, self._pending = (self._pending[:-1], self._pending[-1:]) if keep_latest else (self._pending, [])
+        out = []
+        for host, event, tag in ready:
+            if event is not None:
+                event.synchronize()
+            out.append((host.item(), tag))
+        return out
+
+
 @functools.cache
 def atomic_checkpoint_trainer() -> type:
     """trl.SFTTrainer whose checkpoints appear in one rename, checked for disk space first, and whose steps do not
@@ -375,13 +423,17 @@ def atomic_checkpoint_trainer() -> type:
     from trl import SFTTrainer
 
     class TokenCountAtStepEnd(TrainerCallback):
-        """Brings the trainer's device-side token count into its state when a step ends, before other callbacks,
-        logging and checkpoints read it, and when training ends (a stop between micro-batches)."""
+        """Brings the trainer's device-side token count into its state, before other callbacks, logging and
+        checkpoints read it: at once at the steps that log, save or evaluate, at epoch ends and when training
+        ends (a stop between micro-batches); a step late at the other steps, so that their ends do not wait."""
 
         def __init__(self, trainer: Any) -> None:
             self.trainer = trainer
 
         def on_step_end(self, args, state, control, **kwargs):
+            self.trainer.count_pending_tokens(wait=step_reports(args, state, control))
+
+        def on_epoch_end(self, args, state, control, **kwargs):
             self.trainer.count_pending_tokens()
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -400,6 +452,7 @@ def atomic_checkpoint_trainer() -> type:
         _staging: Path | None = None
         _params_for_flops: int | None = None
         _tokens_pending: Any = None  # tokens of the micro-batches since the last step end, on the device
+        _tokens_readback: LaggedReadback | None = None  # counts of earlier steps on their way to the host
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -436,11 +489,21 @@ def atomic_checkpoint_trainer() -> type:
                 count = inputs[main].numel()
             self._tokens_pending = count if self._tokens_pending is None else self._tokens_pending + count
 
-        def count_pending_tokens(self) -> None:
-            """Add the device-side count to `state.num_input_tokens_seen` (waits for the GPU once)."""
-            if self._tokens_pending is not None:
+        def count_pending_tokens(self, wait: bool = True) -> None:
+            """Add the device-side count to `state.num_input_tokens_seen`: that of every micro-batch so far (waits
+            for the GPU once), or with `wait=False` that of the micro-batches before the previous step end, long
+            copied by then, while this step's count is copied behind the GPU's queued work."""
+            if self._tokens_readback is None:
+                self._tokens_readback = LaggedReadback()
+            for count, _ in self._tokens_readback.take():
+                self.state.num_input_tokens_seen += int(count)
+            if self._tokens_pending is None:
+                return
+            if wait:
                 self.state.num_input_tokens_seen += int(self._tokens_pending)
-                self._tokens_pending = None
+            else:
+                self._tokens_readback.put(self._tokens_pending)
+            self._tokens_pending = None
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             """Load the adapter weights, then give them back the recipe's dtype: PEFT's load_adapter upcasts
@@ -476,6 +539,7 @@ def atomic_checkpoint_trainer() -> type:
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             """Every rank writes into one hidden staging directory; rank 0 publishes it once all are done."""
+            self.count_pending_tokens()  # trainer_state.json holds the count up to this step
             root = Path(super()._get_output_dir(trial))
             name = f"checkpoint-{self.state.global_step}"
             final, staging = root / name, root / f"{STAGING_PREFIX}{name}"
@@ -594,17 +658,28 @@ def _max_over_ranks(value: int) -> int:
 
 
 class StopOnNonFinite:
-    """Stop at the first step whose loss, gradient norm or trainable weights are NaN or infinite, unsaved."""
+    """Stop at the first step whose loss, gradient norm or trainable weights are NaN or infinite, unsaved.
+
+    The weights are checked at every step end, but read a step later (the step's own NaN loss, logged or not, then
+    reaches the weights of the next one), except at steps that log, save or evaluate, which read their own.
+    """
 
     def __init__(self) -> None:
         self.step: int | None = None
         self.found: list[str] = []
+        self.readback = LaggedReadback()  # each step's weights check, read at the next step end (or at once)
         outer = self
 
         class _Callback(_callback_base()):
             def on_step_end(self, args, state, control, model=None, **kwargs):
-                if outer.step is None and model is not None and not _weights_finite(model):
-                    outer._stop(state.global_step, "the adapter weights", control)
+                if outer.step is not None or model is None:
+                    return control
+                outer.readback.put(_weights_finite(model), state.global_step)
+                # this step's check is read at the next step end, unless this step logs or saves
+                for finite, step in outer.readback.take(keep_latest=not step_reports(args, state, control)):
+                    if not finite:
+                        outer._stop(step, "the adapter weights", control)
+                        break
                 return control
 
             def on_log(self, args, state, control, logs=None, **kwargs):
@@ -630,14 +705,16 @@ class StopOnNonFinite:
         control.should_training_stop = True
 
 
-def _weights_finite(model: torch.nn.Module) -> bool:
-    """Whether every trainable weight is finite, in one multi-tensor reduction and one read-back: a check per tensor
+def _weights_finite(model: torch.nn.Module) -> torch.Tensor:
+    """Whether every trainable weight is finite, as a device bool, in one multi-tensor reduction: a check per tensor
     costs two kernel launches each (448 adapter tensors on a 7B model, ~40 ms with the GPU idle at every step end).
     The sum of absolute values is NaN or infinite exactly when some weight is (or when it exceeds 3e38)."""
     import torch
 
     weights = [p.detach() for p in model.parameters() if p.requires_grad]
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(weights, norm_type=1.0))) if weights else True
+    if not weights:
+        return torch.tensor(True)
+    return torch.isfinite(torch.nn.utils.get_total_norm(weights, norm_type=1.0))
 
 
 # ---------------------------------------------------------------------------------------------- remote code

@@ -20,6 +20,10 @@
 #     # git archive 0dff7a0 qlora_cli scripts recipes | tar -x -C bench-old), same checkpoint and data
 #   bash docs/bench/issue14-gpu.sh l   # seventh session: Llama-3-8B baseline vs qlora logging every 10 steps;
 #     # Mistral-7B qlora collating in a DataLoader worker
+#   bash docs/bench/issue14-gpu.sh m   # eighth session: step ends read back a step late again (now that the paged
+#     # optimizer no longer waits): Mistral-7B baseline, qlora, qlora with lora_dropout 0, and qlora at commit
+#     # dfd4e80 (in bench-old/: git archive dfd4e80 qlora_cli scripts recipes | tar -x -C bench-old), logging every 10
+#   bash docs/bench/issue14-gpu.sh n   # eighth session: Llama-3-8B baseline vs qlora, logging every 10
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -99,4 +103,13 @@ elif [ "$1" = l ]; then
   rm -rf $W/ckpt-llama3-8b
   python3 scripts/bench_train.py --shape mistral7b $L10 --variants "qlora-training.sft_args.dataloader_num_workers=1" \
     --out "$OUT/mistral7b-log10-worker-h200.json" 2>&1 | tee "$OUT/mistral7b-worker.log"
+elif [ "$1" = m ]; then
+  [ -f bench-old/scripts/bench_train.py ] || { echo "no bench-old/: make it here and carry it (see the top)"; exit 1; }
+  python3 scripts/bench_train.py --shape mistral7b $L10 --variants baseline,qlora,qlora-lora.lora_dropout=0 \
+    --out "$OUT/mistral7b-log10-h200.json" 2>&1 | tee "$OUT/mistral7b.log"
+  (cd bench-old && python3 scripts/bench_train.py --shape mistral7b $L10 --variants qlora \
+    --out "$OUT/mistral7b-log10-dfd4e80-h200.json" 2>&1 | tee "$OUT/mistral7b-dfd4e80.log")
+elif [ "$1" = n ]; then
+  python3 scripts/bench_train.py --shape llama3-8b $L10 --variants baseline,qlora \
+    --out "$OUT/llama3-8b-log10-h200.json" 2>&1 | tee "$OUT/llama3-8b.log"
 fi

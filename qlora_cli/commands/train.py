@@ -583,7 +583,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         eval_dataset=trainer_columns(prepared.eval, prepared.format) if prepared.eval is not None else None,
         processing_class=tokenizer,
         peft_config=lora_config(recipe.lora),
-        callbacks=[progress, stop_nan.callback, stop_signal.callback, no_recompile_callback(), *(callbacks or [])],
+        callbacks=[progress, stop_signal.callback, stop_nan.callback, no_recompile_callback(), *(callbacks or [])],
     )
     trainer.checkpoint_estimate, trainer.adapter_dtype = need, recipe.lora.adapter_dtype
     trainer.remove_callback(PrinterCallback)  # our progress callback reports the logs
