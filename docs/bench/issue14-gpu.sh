@@ -24,6 +24,8 @@
 #     # optimizer no longer waits): Mistral-7B baseline, qlora, qlora with lora_dropout 0, and qlora at commit
 #     # dfd4e80 (in bench-old/: git archive dfd4e80 qlora_cli scripts recipes | tar -x -C bench-old), logging every 10
 #   bash docs/bench/issue14-gpu.sh n   # eighth session: Llama-3-8B baseline vs qlora, logging every 10
+#   bash docs/bench/issue14-gpu.sh o   # LoRA dropout alone, one projection: compiled vs dropout 0 vs fused Triton
+#     # kernels (scripts/bench_lora_dropout.py; needs only torch and triton, so no wheels to install first)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -112,4 +114,6 @@ elif [ "$1" = m ]; then
 elif [ "$1" = n ]; then
   python3 scripts/bench_train.py --shape llama3-8b $L10 --variants baseline,qlora \
     --out "$OUT/llama3-8b-log10-h200.json" 2>&1 | tee "$OUT/llama3-8b.log"
+elif [ "$1" = o ]; then
+  python3 scripts/bench_lora_dropout.py --check 2>&1 | tee "$OUT/lora-dropout.txt"
 fi
