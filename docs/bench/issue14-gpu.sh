@@ -31,7 +31,12 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATAS
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 W=/tmp/qlora-bench
-L10="--steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W"  # modes k and l: logging as the recipes do
+log10() {  # SHAPE VARIANTS TAG [DIR]: one bench_train run logging every 10 steps as the recipes do (modes k-n),
+  # from this checkout or from DIR (an older commit's code, e.g. bench-old/)
+  (cd "${4:-.}" && python3 scripts/bench_train.py --shape "$1" --steps 30 --warmup 10 --log-every 10 --docs 3000 \
+    --workdir $W --variants "$2" --out "$OUT/$1-log10-$3-h200.json" 2>&1 | tee "$OUT/$1-$3.log")
+}
+need_old() { [ -f bench-old/scripts/bench_train.py ] || { echo "no bench-old/: make it here and carry it (see the top)"; exit 1; }; }
 OLD_BANKING="qlora-data.packing=false;data.max_length=256;training.per_device_train_batch_size=16;training.gradient_accumulation_steps=2"
 if [ "$1" = a ]; then
   python3 scripts/bench_train.py --shape mistral7b --steps 100 --baseline-steps 25 --warmup 4 --docs 3000 \
@@ -93,27 +98,20 @@ elif [ "$1" = i ] || [ "$1" = j ]; then
   python3 scripts/bench_train.py --shape $shape --steps 30 --baseline-steps 25 --warmup 5 --log-every 5 \
     --docs 3000 --workdir $W --variants baseline,qlora --out "$OUT/$shape-log5-h200.json" 2>&1 | tee "$OUT/$shape.log"
 elif [ "$1" = k ]; then
-  [ -f bench-old/scripts/bench_train.py ] || { echo "no bench-old/: make it here and carry it (see the top)"; exit 1; }
+  need_old
   python3 scripts/bench_optimizer.py --shape mistral7b --steps 30 2>&1 | tee "$OUT/optimizer.txt"
-  python3 scripts/bench_train.py --shape mistral7b $L10 --variants baseline,qlora \
-    --out "$OUT/mistral7b-log10-h200.json" 2>&1 | tee "$OUT/mistral7b.log"
-  (cd bench-old && python3 scripts/bench_train.py --shape mistral7b $L10 --variants qlora \
-    --out "$OUT/mistral7b-log10-0dff7a0-h200.json" 2>&1 | tee "$OUT/mistral7b-0dff7a0.log")
+  log10 mistral7b baseline,qlora now
+  log10 mistral7b qlora 0dff7a0 bench-old
 elif [ "$1" = l ]; then
-  python3 scripts/bench_train.py --shape llama3-8b $L10 --variants baseline,qlora \
-    --out "$OUT/llama3-8b-log10-h200.json" 2>&1 | tee "$OUT/llama3-8b.log"
+  log10 llama3-8b baseline,qlora now
   rm -rf $W/ckpt-llama3-8b
-  python3 scripts/bench_train.py --shape mistral7b $L10 --variants "qlora-training.sft_args.dataloader_num_workers=1" \
-    --out "$OUT/mistral7b-log10-worker-h200.json" 2>&1 | tee "$OUT/mistral7b-worker.log"
+  log10 mistral7b "qlora-training.sft_args.dataloader_num_workers=1" worker
 elif [ "$1" = m ]; then
-  [ -f bench-old/scripts/bench_train.py ] || { echo "no bench-old/: make it here and carry it (see the top)"; exit 1; }
-  python3 scripts/bench_train.py --shape mistral7b $L10 --variants baseline,qlora,qlora-lora.lora_dropout=0 \
-    --out "$OUT/mistral7b-log10-h200.json" 2>&1 | tee "$OUT/mistral7b.log"
-  (cd bench-old && python3 scripts/bench_train.py --shape mistral7b $L10 --variants qlora \
-    --out "$OUT/mistral7b-log10-dfd4e80-h200.json" 2>&1 | tee "$OUT/mistral7b-dfd4e80.log")
+  need_old
+  log10 mistral7b baseline,qlora,qlora-lora.lora_dropout=0 now
+  log10 mistral7b qlora dfd4e80 bench-old
 elif [ "$1" = n ]; then
-  python3 scripts/bench_train.py --shape llama3-8b $L10 --variants baseline,qlora \
-    --out "$OUT/llama3-8b-log10-h200.json" 2>&1 | tee "$OUT/llama3-8b.log"
+  log10 llama3-8b baseline,qlora now
 elif [ "$1" = o ]; then
   python3 scripts/bench_lora_dropout.py --check 2>&1 | tee "$OUT/lora-dropout.txt"
 fi
