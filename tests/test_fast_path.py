@@ -421,3 +421,85 @@ def test_the_recompute_in_backward_skips_the_mlp_output_projection_with_the_same
     assert grads.keys() == plain_grads.keys() and len(grads) == 2 * 7 * 2
     for name, a in plain_grads.items():
         assert ((grads[name] - a).norm() / a.norm()).item() < 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------------ fused LoRA dropout
+# `training.fused_lora_dropout` (qlora_cli/lora_dropout.py): each LoRA layer's dropout inside its A projection.
+
+
+def fused_dropout_model(recipe, reference: bool = False):
+    """The 4-bit LoRA model of `lora_model`, fp32, with the dropout moved into the A projections; `reference`: A
+    projections that draw the same seed and apply the op's mask with PyTorch ops instead of the op."""
+    import torch.nn.functional as F
+
+    from qlora_cli.lora_dropout import FusedDropoutLinear, keep_mask, use_fused_lora_dropout
+
+    class ReferenceDropoutLinear(FusedDropoutLinear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
+            keep = keep_mask(x.reshape(-1, x.shape[-1]), seed, self.p).reshape(x.shape)
+            return F.linear(x * keep / (1 - self.p), self.weight)
+
+    model = lora_model(recipe, compiled=False, precision="fp32")
+    assert use_fused_lora_dropout(model) == 14  # 7 projections x 2 layers
+    for module in model.modules():
+        if reference and isinstance(module, FusedDropoutLinear):
+            module.__class__ = ReferenceDropoutLinear
+    return model
+
+
+def test_fused_lora_dropout_gives_the_loss_and_gradients_of_peft_dropout_with_the_same_masks(tmp_path: Path,
+                                                                                            examples) -> None:
+    """With `training.fused_lora_dropout`, one op per LoRA projection computes dropout(x) @ A.T, drawing its mask
+    from a seed and drawing it again in backward instead of storing it. Given the masks of a reference that
+    applies the same mask with PyTorch ops, the checkpointed 4-bit model traced layer by layer through dynamo and
+    AOT autograd gives the reference's loss and gradients (fp32); in eval mode it is the model without dropout,
+    and the adapter keeps the names of its weights."""
+    from peft import get_peft_model_state_dict
+
+    from qlora_cli.model import compile_layers
+
+    _, tokenizer, rows = examples
+    batch = packed_batch(tokenizer, rows)
+    recipe = demo_recipe(tmp_path, "lora.lora_dropout=0.3", "training.gradient_checkpointing=true")
+    plain = lora_model(recipe, compiled=False, precision="fp32")
+    fused = fused_dropout_model(recipe)
+    assert get_peft_model_state_dict(fused).keys() == get_peft_model_state_dict(plain).keys()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in fused.modules())
+    plain.eval(), fused.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(**batch).logits, plain(**batch).logits)
+    fused.train()
+    torch._dynamo.reset()
+    assert compile_layers(fused, backend="aot_eager") == 2
+    reference = fused_dropout_model(recipe, reference=True)
+    loss, grads = seeded_step(fused, batch)
+    ref_loss, ref_grads = seeded_step(reference, batch)
+    _, other_masks = seeded_step(reference, batch, seed=7)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 28
+    for name, a in ref_grads.items():
+        assert ((grads[name] - a).norm() / a.norm()).item() < 1e-5, name
+    name = next(iter(ref_grads))
+    assert ((ref_grads[name] - other_masks[name]).norm() / ref_grads[name].norm()).item() > 1e-2
+
+
+def test_fused_lora_dropout_in_compiled_layers_recomputes_the_same_masks_under_checkpointing(tmp_path: Path,
+                                                                                           examples) -> None:
+    """Compiled as training compiles them, the layers draw each op's seed again when the checkpoint reruns them,
+    so checkpointed and stored activations give the same loss and gradients."""
+    from qlora_cli.model import compile_layers
+
+    _, tokenizer, rows = examples
+    batch = packed_batch(tokenizer, rows)
+    results = {}
+    for checkpointing in (True, False):
+        recipe = demo_recipe(tmp_path, "lora.lora_dropout=0.3", f"training.gradient_checkpointing={checkpointing}")
+        model = fused_dropout_model(recipe)
+        torch._dynamo.reset()
+        assert compile_layers(model, backend=compile_backend()) == 2
+        results[checkpointing] = seeded_step(model, batch)
+    (loss_ckpt, grads_ckpt), (loss_stored, grads_stored) = results[True], results[False]
+    assert loss_ckpt == pytest.approx(loss_stored, rel=1e-6)
+    for name, a in grads_stored.items():
+        assert ((a - grads_ckpt[name]).norm() / a.norm()).item() < 1e-4, name

@@ -188,6 +188,45 @@ def test_compiled_layers_train_evaluate_and_generate_like_eager_layers(tmp_path:
     assert eager["compiles"] == 0
 
 
+def test_a_recipe_with_fused_lora_dropout_trains_like_peft_dropout_and_saves_the_same_adapter(tmp_path: Path) -> None:
+    """`training.fused_lora_dropout: true` with `lora.lora_dropout: 0.1`: every LoRA projection's dropout runs inside
+    its A projection, the loss curve is that of peft's dropout up to the different random masks, and the adapter
+    has the same weights by name, loading like any other."""
+    from peft import PeftModel
+    from rich.console import Console
+    from safetensors import safe_open
+    from transformers import TrainerCallback
+
+    from qlora_cli.lora_dropout import FusedDropoutLinear
+    from qlora_cli.model import load_model
+
+    class CountFused(TrainerCallback):
+        fused = 0
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.fused = sum(isinstance(m, FusedDropoutLinear) for m in model.modules())
+
+    common = ["training.max_steps=12", "training.logging_steps=4", "evaluation.compare_after_training=0",
+              "lora.lora_dropout=0.1"]
+    runs, counts = {}, {}
+    for fused in (False, True):
+        counts[fused] = CountFused()
+        recipe = demo_recipe(tmp_path / str(fused), *common, f"training.fused_lora_dropout={fused}")
+        train(recipe, Console(width=120, force_terminal=False), callbacks=[counts[fused]])
+        runs[fused] = RunDir(tmp_path / str(fused) / "run")
+    assert counts[True].fused == 14 and counts[False].fused == 0  # 7 projections x 2 layers
+    losses = {f: [json.loads(x)["loss"] for x in r.metrics.read_text().splitlines() if '"loss"' in x]
+              for f, r in runs.items()}
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=5e-2)
+    names = {}
+    for fused, run in runs.items():
+        with safe_open(str(run.adapter / "adapter_model.safetensors"), "pt") as f:
+            names[fused] = set(f.keys())
+    assert names[True] == names[False] and len(names[True]) == 28
+    base = load_model(demo_recipe(tmp_path / "load"), Device("cpu", "CPU", None, True), "fp32")
+    assert isinstance(PeftModel.from_pretrained(base, str(runs[True].adapter)), PeftModel)
+
+
 def test_compiled_layers_that_compile_nothing_are_reported(tmp_path: Path) -> None:
     """When torch.compile falls back to eager for the whole layer (as it did with the checkpoint inside the
     compiled graph on transformers 5.25), the run says so instead of training at eager speed in silence."""

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from .. import data as datamod
 from ..errors import UserError
+from ..lora_dropout import use_fused_lora_dropout
 from ..model import (
     Device,
     check_target_modules,
@@ -179,7 +180,8 @@ def set_adapter_dtype(model: Any, dtype_name: str) -> None:
 
 
 def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
-    """What the trainer's (PEFT-wrapped) model gets before training: adapters in the recipe's dtype, and the
+    """What the trainer's (PEFT-wrapped) model gets before training: adapters in the recipe's dtype, LoRA dropout
+    inside the A projections where `training.fused_lora_dropout` says so (qlora_cli/lora_dropout.py), and the
     decoder layers compiled where `training.compile_layers` says so, their NF4 weights dequantized inside the
     compiled graph (`training.compile_nf4`, qlora_cli/nf4.py); returns how many layers were compiled.
 
@@ -188,6 +190,8 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
     a dynamic recompile at the second length).
     """
     set_adapter_dtype(model, recipe.lora.adapter_dtype)
+    if recipe.training.fused_lora_dropout:
+        use_fused_lora_dropout(model)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if not resolve_compile(recipe, device, hidden):
         return 0

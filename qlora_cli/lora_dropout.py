@@ -1,0 +1,122 @@
+"""LoRA dropout applied inside the product with A (`training.fused_lora_dropout`).
+
+peft computes each LoRA projection as `B(A(dropout(x)))`: the dropped-out input is written to memory for the
+product with A and a mask is kept for backward, for each of a layer's seven projections. On an H200 the recipes'
+dropout of 0.05 costs 61 ms of a 0.794 s Mistral-7B step against dropout 0 (docs/performance.md, eighth session).
+With this option the A projection of every LoRA layer becomes `FusedDropoutLinear`: one op computes
+`dropout(x, p) @ A.T` with a mask drawn from a seed, and backward draws the same mask again from the seed, so
+neither the dropped-out input nor the mask is stored. On CUDA the op runs Triton kernels (qlora_cli/triton_lora.py);
+elsewhere PyTorch with a mask from a generator seeded the same way.
+
+The seed is a tensor drawn from torch's generator at each call, inside the (compiled) layer: a gradient checkpoint
+restores the generator before it recomputes a layer, so the recompute draws the same seed and mask, as it does for
+peft's dropout. The masks are as random as peft's (each element kept with probability 1 - p, independently per
+projection) but not the same ones, so a run differs from a peft-dropout run by its random draws only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_SEED_HIGH = 2**31 - 1
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def keep_mask(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """The mask `dropout_matmul` applies to a 2-D x for this seed (True: kept)."""
+    if _use_triton(x):
+        from qlora_cli import triton_lora
+
+        return triton_lora.keep_mask(seed, p, x.shape[0], x.shape[1], x.device)
+    g = torch.Generator().manual_seed(int(seed.item()))
+    return (torch.rand(x.shape, generator=g) >= p).to(x.device)
+
+
+@torch.library.custom_op("qlora::dropout_matmul", mutates_args=())
+def dropout_matmul(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """dropout(x, p) @ weight.T for a 2-D x (M × K) and weight (R × K), the mask drawn from `seed`."""
+    x = x.contiguous()
+    if _use_triton(x):
+        from qlora_cli import triton_lora
+
+        return triton_lora.forward(x, weight.contiguous(), seed, p)
+    return (x * keep_mask(x, seed, p) / (1 - p)).to(x.dtype) @ weight.T
+
+
+@dropout_matmul.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("qlora::dropout_matmul_backward", mutates_args=())
+def dropout_matmul_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
+                            p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) of `dropout_matmul`, with the mask drawn again from `seed`."""
+    x, grad = x.contiguous(), grad.contiguous()
+    if _use_triton(x):
+        from qlora_cli import triton_lora
+
+        return triton_lora.backward(grad, x, weight.contiguous(), seed, p)
+    keep = keep_mask(x, seed, p)
+    dropped = (x * keep / (1 - p)).to(x.dtype)
+    return ((grad @ weight) * keep / (1 - p)).to(x.dtype), (grad.T @ dropped).to(weight.dtype)
+
+
+@dropout_matmul_backward.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
+      p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, seed, p = inputs
+    ctx.save_for_backward(x, weight, seed)
+    ctx.p = p
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, weight, seed = ctx.saved_tensors
+    dx, dweight = dropout_matmul_backward(grad, x, weight, seed, ctx.p)
+    return dx, dweight, None, None
+
+
+dropout_matmul.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedDropoutLinear(nn.Linear):
+    """A LoRA A projection that applies its layer's dropout itself (see the module docstring). Same weight, same
+    state-dict keys; in eval mode, or with p = 0, a plain linear layer."""
+
+    p: float = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or self.bias is not None:
+            return super().forward(x)
+        seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device)
+        flat = x.reshape(-1, x.shape[-1])
+        return dropout_matmul(flat, self.weight, seed, self.p).reshape(*x.shape[:-1], self.out_features)
+
+
+def use_fused_lora_dropout(model: nn.Module) -> int:
+    """Move each plain LoRA layer's dropout into its A projection; returns how many layers changed. Left as they
+    are: DoRA and other variants, layers without dropout, and A projections that are not `nn.Linear`."""
+    changed = 0
+    for module in model.modules():
+        lora_a, dropouts = getattr(module, "lora_A", None), getattr(module, "lora_dropout", None)
+        if not isinstance(lora_a, nn.ModuleDict) or not isinstance(dropouts, nn.ModuleDict):
+            continue
+        variants = getattr(module, "lora_variant", {}) or {}
+        for name, linear in lora_a.items():
+            dropout = dropouts[name] if name in dropouts else None
+            if (name in variants or type(linear) is not nn.Linear or linear.bias is not None
+                    or not isinstance(dropout, nn.Dropout) or dropout.p == 0):
+                continue
+            linear.__class__ = FusedDropoutLinear
+            linear.p = float(dropout.p)
+            dropouts[name] = nn.Identity()
+            changed += 1
+    return changed
