@@ -97,13 +97,14 @@ class FusedDropoutLinear(nn.Linear):
         if not self.training or self.p == 0 or self.bias is not None:
             return super().forward(x)
         seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device)
-        flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)  # a custom op is not autocast: peft's cast
         return dropout_matmul(flat, self.weight, seed, self.p).reshape(*x.shape[:-1], self.out_features)
 
 
 def use_fused_lora_dropout(model: nn.Module) -> int:
     """Move each plain LoRA layer's dropout into its A projection; returns how many layers changed. Left as they
-    are: DoRA and other variants, layers without dropout, and A projections that are not `nn.Linear`."""
+    are: DoRA and other variants, layers without dropout, A projections that are not `nn.Linear`, and float32
+    adapters on CUDA."""
     changed = 0
     for module in model.modules():
         lora_a, dropouts = getattr(module, "lora_A", None), getattr(module, "lora_dropout", None)
@@ -115,6 +116,8 @@ def use_fused_lora_dropout(model: nn.Module) -> int:
             if (name in variants or type(linear) is not nn.Linear or linear.bias is not None
                     or not isinstance(dropout, nn.Dropout) or dropout.p == 0):
                 continue
+            if linear.weight.is_cuda and linear.weight.dtype not in (torch.bfloat16, torch.float16):
+                continue  # fp32 adapters on CUDA keep peft's dropout: the kernels multiply in 16 bits
             linear.__class__ = FusedDropoutLinear
             linear.p = float(dropout.p)
             dropouts[name] = nn.Identity()

@@ -182,8 +182,8 @@ class TrainingConfig:
     fused_lora_dropout: bool = _f(
         False, help="Apply LoRA dropout inside the product with A (Triton kernels on CUDA, a mask regenerated from "
         "a seed in backward) instead of writing the dropped-out input and a mask for each projection; plain LoRA "
-        "with lora_dropout > 0 only. Same distribution of masks as peft's, other draws. Not yet measured on a GPU "
-        "(docs/performance.md, eighth session).",
+        "with lora_dropout > 0 only (on CUDA: bfloat16 adapters). Same distribution of masks as peft's, other "
+        "draws. Not yet measured on a GPU (docs/performance.md, eighth session).",
     )
     allow_cpu: bool = _f(False, help="Train on the CPU when no CUDA GPU is visible (tiny models and tests only).")
     sft_args: dict[str, Any] = _f(
