@@ -72,8 +72,10 @@ def timed(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def bench(m: int, k: int, n: int, r: int, p: float, steps: int, warmup: int) -> list[tuple[str, float, float]]:
-    """(variant, forward ms, forward + backward ms) for one projection's LoRA path, x of m × k, output width n."""
+def bench(m: int, k: int, n: int, r: int, p: float, steps: int, warmup: int,
+          blocks: list[tuple[int, int]]) -> list[tuple[str, float, float]]:
+    """(variant, forward ms, forward + backward ms) for one projection's LoRA path, x of m × k, output width n;
+    the fused kernels once per (rows, columns) tile size in `blocks`."""
     dev, dt = "cuda", torch.bfloat16
     x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
     a = (torch.randn(r, k, device=dev, dtype=dt) / k**0.5).requires_grad_()
@@ -82,14 +84,17 @@ def bench(m: int, k: int, n: int, r: int, p: float, steps: int, warmup: int) -> 
     scale = 2.0
     compiled = torch.compile(lambda x, a, b: (torch.nn.functional.dropout(x, p) @ a.T) @ b.T * scale)
     plain = torch.compile(lambda x, a, b: (x @ a.T) @ b.T * scale)
-    variants = {"compiled (peft's expression)": lambda: compiled(x, a, b),
-                "dropout 0": lambda: plain(x, a, b),
-                "fused Triton": lambda: (dropout_matmul(x, a, torch.randint(0, 1 << 30, (1,), device=dev), p) @ b.T)
-                * scale}
+    def fused():
+        return (dropout_matmul(x, a, torch.randint(0, 1 << 30, (1,), device=dev), p) @ b.T) * scale
+
+    variants = {"compiled (peft's expression)": (lambda: compiled(x, a, b), None),
+                "dropout 0": (lambda: plain(x, a, b), None),
+                **{f"fused Triton {bm}x{bk}": (fused, (bm, bk)) for bm, bk in blocks}}
     rows = []
-    for name, f in variants.items():
-        with torch.no_grad():
-            forward = timed(f, steps, warmup)
+    for name, (f, tiles) in variants.items():
+        if tiles:
+            triton_lora.BM, triton_lora.BK = tiles
+        forward = timed(f, steps, warmup)  # in grad mode, as the checkpoint's first pass runs it
         both = timed(lambda f=f: f().backward(dy), steps, warmup)
         rows.append((name, forward, both))
     return rows
@@ -104,6 +109,8 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--blocks", default="64x64,32x64,64x128,128x64",
+                   help="tile sizes (rows x columns of x) to time the fused kernels with")
     p.add_argument("--check", action="store_true", help="compare the fused kernels with PyTorch first")
     p.add_argument("--interpret", action="store_true", help="run the kernels on the CPU (fp32; checks only)")
     a = p.parse_args()
@@ -124,11 +131,18 @@ def main() -> None:
         return
     print(f"{torch.cuda.get_device_name(0)}, {a.tokens} tokens, rank {a.rank}, dropout {a.dropout}, "
           f"{a.steps} timed calls after {a.warmup} (median)")
-    print(f"{'input width':>11}  {'variant':30s} {'forward ms':>10} {'fwd+bwd ms':>10}")
+    blocks = [tuple(int(v) for v in b.split("x")) for b in a.blocks.split(",")]
+    print(f"{'input width':>11}  {'variant':30s} {'forward ms':>10} {'fwd+bwd ms':>10} {'ckpt ms':>8}")
+    per_width: dict[int, dict[str, float]] = {}
     for k in (int(w) for w in a.widths.split(",")):
-        for name, forward, both in bench(a.tokens, k, a.out_width, a.rank, a.dropout, a.steps, a.warmup):
-            print(f"{k:>11}  {name:30s} {forward:>10.3f} {both:>10.3f}")
-    print("a step under gradient checkpointing runs each projection's forward twice and its backward once")
+        for name, forward, both in bench(a.tokens, k, a.out_width, a.rank, a.dropout, a.steps, a.warmup, blocks):
+            per_width.setdefault(k, {})[name] = forward + both
+            print(f"{k:>11}  {name:30s} {forward:>10.3f} {both:>10.3f} {forward + both:>8.3f}")
+    print("ckpt: forward + (forward + backward), what a step under gradient checkpointing runs per projection")
+    if {4096, 14336} <= per_width.keys():
+        print("per step of a 32-layer Mistral-7B / Llama-3-8B shape (6 projections of width 4096, 1 of 14336):")
+        for name, cost in per_width[4096].items():
+            print(f"  {name:30s} {32 * (6 * cost + per_width[14336][name]):8.1f} ms")
 
 
 if __name__ == "__main__":
