@@ -11,7 +11,8 @@ elsewhere PyTorch with a mask from a generator seeded the same way.
 The seed is a tensor drawn from torch's generator at each call, inside the (compiled) layer: a gradient checkpoint
 restores the generator before it recomputes a layer, so the recompute draws the same seed and mask, as it does for
 peft's dropout. The masks are as random as peft's (each element kept with probability 1 - p, independently per
-projection) but not the same ones, so a run differs from a peft-dropout run by its random draws only.
+projection; on CUDA p is rounded to 1/65536, 16-bit draws) but not the same ones, so a run differs from a
+peft-dropout run by its random draws only.
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 """Triton kernels for `dropout(x, p) @ A.T` with the dropout mask applied while `x` is loaded and regenerated
 from a Philox seed in backward, so that neither the dropped-out input nor a mask is written to memory.
 
-The mask of element (row, col) of a row-major `x` of width K is `tl.rand(seed, row * K + col) >= p`, the same in
-every kernel. Imported only on CUDA (and by `scripts/bench_lora_dropout.py`, which can run the kernels in
-Triton's CPU interpreter): a CPU install of torch has no triton.
+One Philox call (`tl.randint4x`, four 32-bit words) draws the masks of 8 consecutive inputs of a row, 16 bits
+each: an input is kept when its 16-bit draw is at least `threshold(p)` = round(p × 65536), so the dropout
+probability is p rounded to 1/65536 (`effective_p`). Every kernel computes a tile's mask with `_keep`, whose
+mapping from (row, column) to (Philox counter, 16-bit lane) depends on neither the tile size nor the kernel, so
+backward regenerates exactly the forward's mask (one call per 8 inputs, where `tl.rand` makes one per input).
+Imported only on CUDA (and by `scripts/bench_lora_dropout.py`, which runs the kernels in Triton's CPU interpreter
+too): CPU torch has no triton.
 """
 
 from __future__ import annotations
@@ -16,12 +20,22 @@ BM, BK, SPLIT_ROWS = 64, 64, 512
 
 
 @triton.jit
-def _keep(seed, p, rows, cols, K):
-    return tl.rand(seed, rows[:, None] * K + cols[None, :]) >= p
+def _keep(seed, threshold, rows, k0, K8, BK: tl.constexpr):
+    """Keep mask of the tile rows × [k0, k0 + BK) (k0 and BK multiples of 8; K8 = groups of 8 columns a row)."""
+    groups = k0 // 8 + tl.arange(0, BK // 8)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * K8 + groups[None, :])
+    w0, w1 = r0.to(tl.uint32, bitcast=True), r1.to(tl.uint32, bitcast=True)
+    w2, w3 = r2.to(tl.uint32, bitcast=True), r3.to(tl.uint32, bitcast=True)
+    low = tl.interleave(tl.interleave((w0 & 0xFFFF).to(tl.int32), (w0 >> 16).to(tl.int32)),
+                        tl.interleave((w1 & 0xFFFF).to(tl.int32), (w1 >> 16).to(tl.int32)))
+    high = tl.interleave(tl.interleave((w2 & 0xFFFF).to(tl.int32), (w2 >> 16).to(tl.int32)),
+                         tl.interleave((w3 & 0xFFFF).to(tl.int32), (w3 >> 16).to(tl.int32)))
+    draws = tl.interleave(low, high)  # BM × BK: each group of 8 columns gets its call's eight 16-bit draws
+    return draws >= threshold
 
 
 @triton.jit
-def _forward(x_ptr, a_ptr, h_ptr, seed_ptr, p, scale, M, K, R, RP: tl.constexpr, BM: tl.constexpr,
+def _forward(x_ptr, a_ptr, h_ptr, seed_ptr, threshold, scale, M, K, R, RP: tl.constexpr, BM: tl.constexpr,
              BK: tl.constexpr):
     seed = tl.load(seed_ptr)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -30,7 +44,7 @@ def _forward(x_ptr, a_ptr, h_ptr, seed_ptr, p, scale, M, K, R, RP: tl.constexpr,
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        x = tl.where(_keep(seed, p, rm, rk, K), x * scale, 0.0).to(x_ptr.dtype.element_ty)
+        x = tl.where(_keep(seed, threshold, rm, k0, tl.cdiv(K, 8), BK), x * scale, 0.0).to(x_ptr.dtype.element_ty)
         a = tl.load(a_ptr + rr[None, :] * K + rk[:, None], mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
         acc += tl.dot(x, a)
     tl.store(h_ptr + rm[:, None] * R + rr[None, :], acc.to(h_ptr.dtype.element_ty),
@@ -38,18 +52,19 @@ def _forward(x_ptr, a_ptr, h_ptr, seed_ptr, p, scale, M, K, R, RP: tl.constexpr,
 
 
 @triton.jit
-def _grad_weight(x_ptr, dh_ptr, part_ptr, seed_ptr, p, scale, M, K, R, ROWS, RP: tl.constexpr, BM: tl.constexpr,
+def _grad_weight(x_ptr, dh_ptr, part_ptr, seed_ptr, threshold, scale, M, K, R, ROWS, RP: tl.constexpr, BM: tl.constexpr,
                  BK: tl.constexpr):
     """Partial sums of dA = dh.T @ dropout(x) over ROWS rows each (program axis 1); the caller adds them up."""
     seed = tl.load(seed_ptr)
-    rk = tl.program_id(0) * BK + tl.arange(0, BK)
+    k0 = tl.program_id(0) * BK
+    rk = k0 + tl.arange(0, BK)
     split = tl.program_id(1)
     rr = tl.arange(0, RP)
     acc = tl.zeros((RP, BK), dtype=tl.float32)
     for m0 in range(split * ROWS, split * ROWS + ROWS, BM):
         rm = m0 + tl.arange(0, BM)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        x = tl.where(_keep(seed, p, rm, rk, K), x * scale, 0.0).to(x_ptr.dtype.element_ty)
+        x = tl.where(_keep(seed, threshold, rm, k0, tl.cdiv(K, 8), BK), x * scale, 0.0).to(x_ptr.dtype.element_ty)
         dh = tl.load(dh_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         acc += tl.dot(tl.trans(dh), x)
     tl.store(part_ptr + split * R * K + rr[:, None] * K + rk[None, :], acc,
@@ -57,38 +72,56 @@ def _grad_weight(x_ptr, dh_ptr, part_ptr, seed_ptr, p, scale, M, K, R, ROWS, RP:
 
 
 @triton.jit
-def _grad_input(dh_ptr, a_ptr, dx_ptr, seed_ptr, p, scale, M, K, R, RP: tl.constexpr, BM: tl.constexpr,
+def _grad_input(dh_ptr, a_ptr, dx_ptr, seed_ptr, threshold, scale, M, K, R, RP: tl.constexpr, BM: tl.constexpr,
                 BK: tl.constexpr):
     seed = tl.load(seed_ptr)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    k0 = tl.program_id(1) * BK
+    rk = k0 + tl.arange(0, BK)
     rr = tl.arange(0, RP)
     dh = tl.load(dh_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-    g = tl.where(_keep(seed, p, rm, rk, K), tl.dot(dh, a) * scale, 0.0)
+    g = tl.where(_keep(seed, threshold, rm, k0, tl.cdiv(K, 8), BK), tl.dot(dh, a) * scale, 0.0)
     tl.store(dx_ptr + rm[:, None] * K + rk[None, :], g.to(dx_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
 @triton.jit
-def _keep_mask(out_ptr, seed_ptr, p, M, K, BM: tl.constexpr, BK: tl.constexpr):
+def _keep_mask(out_ptr, seed_ptr, threshold, M, K, BM: tl.constexpr, BK: tl.constexpr):
     seed = tl.load(seed_ptr)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rk = tl.program_id(1) * BK + tl.arange(0, BK)
-    tl.store(out_ptr + rm[:, None] * K + rk[None, :], _keep(seed, p, rm, rk, K).to(tl.int8),
-             mask=(rm[:, None] < M) & (rk[None, :] < K))
+    k0 = tl.program_id(1) * BK
+    rk = k0 + tl.arange(0, BK)
+    keep = _keep(seed, threshold, rm, k0, tl.cdiv(K, 8), BK)
+    tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
 def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot needs each side ≥ 16, tl.arange a power of two
 
 
+def threshold(p: float) -> int:
+    """The 16-bit draw below which an input is dropped."""
+    return min(max(round(p * 65536), 0), 65535)
+
+
+def effective_p(p: float) -> float:
+    """The dropout probability the kernels apply for p: p rounded to 1/65536."""
+    return threshold(p) / 65536
+
+
+def _tiles() -> tuple[int, int]:
+    assert BK % 8 == 0 and BK >= 16 and BM >= 16, (BM, BK)  # whole groups of 8 columns; tl.dot's minimum
+    return BM, BK
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """dropout(x, p) @ weight.T for a contiguous 2-D x (M × K) and weight (R × K)."""
     (m, k), r = x.shape, weight.shape[0]
+    bm, bk = _tiles()
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
-    _forward[(triton.cdiv(m, BM),)](x, weight, h, seed, p, 1.0 / (1.0 - p), m, k, r, RP=_rank_block(r), BM=BM,
-                                    BK=BK)
+    _forward[(triton.cdiv(m, bm),)](x, weight, h, seed, threshold(p), 1.0 / (1.0 - effective_p(p)), m, k, r,
+                                    RP=_rank_block(r), BM=bm, BK=bk)
     return h
 
 
@@ -96,19 +129,21 @@ def backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torc
              p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight) of `forward` for the gradient dh (M × R) of its output."""
     (m, k), r = x.shape, weight.shape[0]
-    scale, rp = 1.0 / (1.0 - p), _rank_block(r)
+    bm, bk = _tiles()
+    cut, scale, rp = threshold(p), 1.0 / (1.0 - effective_p(p)), _rank_block(r)
     dx = torch.empty_like(x)
-    _grad_input[(triton.cdiv(m, BM), triton.cdiv(k, BK))](dh, weight, dx, seed, p, scale, m, k, r, RP=rp, BM=BM,
-                                                          BK=BK)
+    _grad_input[(triton.cdiv(m, bm), triton.cdiv(k, bk))](dh, weight, dx, seed, cut, scale, m, k, r, RP=rp, BM=bm,
+                                                          BK=bk)
     splits = triton.cdiv(m, SPLIT_ROWS)
     parts = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
-    _grad_weight[(triton.cdiv(k, BK), splits)](x, dh, parts, seed, p, scale, m, k, r, SPLIT_ROWS, RP=rp, BM=BM,
-                                               BK=BK)
+    _grad_weight[(triton.cdiv(k, bk), splits)](x, dh, parts, seed, cut, scale, m, k, r, SPLIT_ROWS, RP=rp, BM=bm,
+                                               BK=bk)
     return dx, parts.sum(0).to(weight.dtype)
 
 
 def keep_mask(seed: torch.Tensor, p: float, m: int, k: int, device: torch.device | str) -> torch.Tensor:
     """The mask the kernels use for an M × K input (True: kept), for tests."""
+    bm, bk = _tiles()
     out = torch.empty(m, k, dtype=torch.int8, device=device)
-    _keep_mask[(triton.cdiv(m, BM), triton.cdiv(k, BK))](out, seed, p, m, k, BM=BM, BK=BK)
+    _keep_mask[(triton.cdiv(m, bm), triton.cdiv(k, bk))](out, seed, threshold(p), m, k, BM=bm, BK=bk)
     return out.bool()

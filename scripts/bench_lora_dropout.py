@@ -46,7 +46,7 @@ def check(m: int, k: int, r: int, p: float, dtype: torch.dtype, device: str) -> 
     dx, da = triton_lora.backward(dh, x, a, seed, p)
     keep = triton_lora.keep_mask(seed, p, m, k, device)
     xf, af = x.float().requires_grad_(), a.float().requires_grad_()
-    ref = (xf * keep / (1 - p)) @ af.T
+    ref = (xf * keep / (1 - triton_lora.effective_p(p))) @ af.T
     ref.backward(dh.float())
     worst = 0.0
     for name, got, want in (("h", h, ref), ("dx", dx, xf.grad), ("dA", da, af.grad)):
@@ -54,6 +54,16 @@ def check(m: int, k: int, r: int, p: float, dtype: torch.dtype, device: str) -> 
         worst = max(worst, err)
         print(f"  {name:3s} relative error {err:.2e}")
     print(f"  kept {keep.float().mean().item():.4f} of the inputs (1 - p = {1 - p:.4f})")
+    tiles = triton_lora.BM, triton_lora.BK
+    triton_lora.BM, triton_lora.BK = 16, 128
+    same = torch.equal(triton_lora.keep_mask(seed, p, m, k, device), keep)
+    triton_lora.BM, triton_lora.BK = tiles
+    print(f"  the same mask with 16 x 128 tiles: {same}")
+    if not same:
+        return float("inf")
+    other = triton_lora.keep_mask(seed + 1, p, m, k, device)
+    print(f"  {(keep != other).float().mean().item():.4f} of the mask differs for the next seed "
+          f"(independent masks: {2 * p * (1 - p):.4f})")
     return worst
 
 
