@@ -29,6 +29,8 @@
 #   bash docs/bench/issue14-gpu.sh p   # Mistral-7B: baseline, qlora, qlora with training.fused_lora_dropout,
 #     # qlora with lora_dropout 0, logging every 10
 #   bash docs/bench/issue14-gpu.sh q   # Llama-3-8B: baseline, qlora, qlora with training.fused_lora_dropout
+#   bash docs/bench/issue14-gpu.sh r   # Mistral-7B: qlora and qlora with the fused dropout, two steps of each
+#     # profiled (logging every 10); the GPU's idle gaps in each timeline (what is left between the steps)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -121,4 +123,12 @@ elif [ "$1" = p ]; then
   log10 mistral7b baseline,qlora,qlora-training.fused_lora_dropout=true,qlora-lora.lora_dropout=0 fused
 elif [ "$1" = q ]; then
   log10 llama3-8b baseline,qlora,qlora-training.fused_lora_dropout=true fused
+elif [ "$1" = r ]; then
+  python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
+    --variants "qlora,qlora-training.fused_lora_dropout=true" --profile-dir /tmp/prof \
+    --out "$OUT/mistral7b-profiled-h200.json" 2>&1 | tee "$OUT/mistral7b.log"
+  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora.json.gz > "$OUT/gaps-qlora.txt"
+  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora-training.fused_lora_dropout_true.json.gz > "$OUT/gaps-fused.txt"
+  cp /tmp/prof/profile-qlora.txt "$OUT/"
+  cp /tmp/prof/profile-qlora-training.fused_lora_dropout_true.txt "$OUT/profile-qlora-fused.txt"
 fi
