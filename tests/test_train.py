@@ -208,13 +208,16 @@ def test_a_recipe_with_fused_lora_dropout_trains_like_peft_dropout_and_saves_the
 
     common = ["training.max_steps=12", "training.logging_steps=4", "evaluation.compare_after_training=0",
               "lora.lora_dropout=0.1"]
-    runs, counts = {}, {}
+    runs, counts, printed = {}, {}, {}
     for fused in (False, True):
         counts[fused] = CountFused()
+        console = Console(record=True, width=120, force_terminal=False)
         recipe = demo_recipe(tmp_path / str(fused), *common, f"training.fused_lora_dropout={fused}")
-        train(recipe, Console(width=120, force_terminal=False), callbacks=[counts[fused]])
-        runs[fused] = RunDir(tmp_path / str(fused) / "run")
+        train(recipe, console, callbacks=[counts[fused]])
+        runs[fused], printed[fused] = RunDir(tmp_path / str(fused) / "run"), console.export_text()
     assert counts[True].fused == 14 and counts[False].fused == 0  # 7 projections x 2 layers
+    assert "LoRA dropout inside the A projection of 14 LoRA layers" in printed[True]
+    assert "fused_lora_dropout" not in printed[False]
     losses = {f: [json.loads(x)["loss"] for x in r.metrics.read_text().splitlines() if '"loss"' in x]
               for f, r in runs.items()}
     assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=5e-2)

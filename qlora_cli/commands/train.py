@@ -17,7 +17,7 @@ from rich.text import Text
 
 from .. import data as datamod
 from ..errors import UserError
-from ..lora_dropout import use_fused_lora_dropout
+from ..lora_dropout import FusedDropoutLinear, use_fused_lora_dropout
 from ..model import (
     Device,
     check_target_modules,
@@ -599,6 +599,12 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     if compiled:
         console.print(f"Compiling {compiled} decoder layers with torch.compile (training.compile_layers); the first "
                       "steps are slower while it compiles")
+    if recipe.training.fused_lora_dropout:
+        fused = sum(isinstance(m, FusedDropoutLinear) for m in trainer.model.modules())
+        console.print(f"LoRA dropout inside the A projection of {fused} LoRA layers (training.fused_lora_dropout)"
+                      if fused else "[yellow]training.fused_lora_dropout is on but no LoRA layer qualifies (it needs "
+                      "lora.lora_dropout > 0, plain LoRA, and on CUDA bfloat16 adapters); training with peft's "
+                      "dropout[/yellow]")
     t1 = time.perf_counter()
     with stop_signal:
         try:
