@@ -191,7 +191,8 @@ def test_compiled_layers_train_evaluate_and_generate_like_eager_layers(tmp_path:
 def test_a_recipe_with_fused_lora_dropout_trains_like_peft_dropout_and_saves_the_same_adapter(tmp_path: Path) -> None:
     """`training.fused_lora_dropout: true` with `lora.lora_dropout: 0.1`: every LoRA projection's dropout runs inside
     its A projection, the loss curve is that of peft's dropout up to the different random masks, and the adapter
-    has the same weights by name, loading like any other."""
+    has the same weights by name, loading like any other. With `lora_dropout: 0` there is nothing to fuse: a
+    warning says so."""
     from peft import PeftModel
     from rich.console import Console
     from safetensors import safe_open
@@ -218,6 +219,10 @@ def test_a_recipe_with_fused_lora_dropout_trains_like_peft_dropout_and_saves_the
     assert counts[True].fused == 14 and counts[False].fused == 0  # 7 projections x 2 layers
     assert "LoRA dropout inside the A projection of 14 LoRA layers" in printed[True]
     assert "fused_lora_dropout" not in printed[False]
+    console = Console(record=True, width=200, force_terminal=False)
+    train(demo_recipe(tmp_path / "p0", *common, "lora.lora_dropout=0", "training.fused_lora_dropout=true",
+                      "training.max_steps=1"), console)
+    assert "training.fused_lora_dropout is on but no LoRA layer qualifies" in console.export_text()
     losses = {f: [json.loads(x)["loss"] for x in r.metrics.read_text().splitlines() if '"loss"' in x]
               for f, r in runs.items()}
     assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=5e-2)
