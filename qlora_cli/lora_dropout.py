@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-_SEED_HIGH = 2**31 - 1
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """The seed of one call's mask: drawn from torch's generator, so a checkpoint's recompute draws it again."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -97,9 +100,8 @@ class FusedDropoutLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or self.bias is not None:
             return super().forward(x)
-        seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device)
         flat = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)  # a custom op is not autocast: peft's cast
-        return dropout_matmul(flat, self.weight, seed, self.p).reshape(*x.shape[:-1], self.out_features)
+        return dropout_matmul(flat, self.weight, draw_seed(x.device), self.p).reshape(*x.shape[:-1], self.out_features)
 
 
 def use_fused_lora_dropout(model: nn.Module) -> int:

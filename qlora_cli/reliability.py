@@ -384,7 +384,8 @@ class LaggedReadback:
     """Device values read back a step later instead of at once: reading a value the GPU is still computing makes the
     CPU wait with nothing queued behind it, so the GPU then idles while the CPU prepares the next step. `put` starts
     a copy to host memory that the GPU makes when it gets there; `take` returns the values put so far (by then long
-    copied, on CUDA); `put(..., now=True)` waits instead, for the steps that log or save."""
+    copied, on CUDA), or all but the newest with `keep_latest`; taking everything at once waits for the newest, as
+    the steps that log or save do."""
 
     def __init__(self) -> None:
         self._pending: list[tuple[Any, Any, Any]] = []  # (host tensor, CUDA event or None, tag)
@@ -452,10 +453,10 @@ def atomic_checkpoint_trainer() -> type:
         _staging: Path | None = None
         _params_for_flops: int | None = None
         _tokens_pending: Any = None  # tokens of the micro-batches since the last step end, on the device
-        _tokens_readback: LaggedReadback | None = None  # counts of earlier steps on their way to the host
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            self._tokens_readback = LaggedReadback()  # counts of earlier steps on their way to the host
             self.callback_handler.callbacks.insert(0, TokenCountAtStepEnd(self))  # before the others read it
 
         @staticmethod
@@ -493,8 +494,6 @@ def atomic_checkpoint_trainer() -> type:
             """Add the device-side count to `state.num_input_tokens_seen`: that of every micro-batch so far (waits
             for the GPU once), or with `wait=False` that of the micro-batches before the previous step end, long
             copied by then, while this step's count is copied behind the GPU's queued work."""
-            if self._tokens_readback is None:
-                self._tokens_readback = LaggedReadback()
             for count, _ in self._tokens_readback.take():
                 self.state.num_input_tokens_seen += int(count)
             if self._tokens_pending is None:

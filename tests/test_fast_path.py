@@ -432,12 +432,11 @@ def fused_dropout_model(recipe, reference: bool = False):
     projections that draw the same seed and apply the op's mask with PyTorch ops instead of the op."""
     import torch.nn.functional as F
 
-    from qlora_cli.lora_dropout import FusedDropoutLinear, keep_mask, use_fused_lora_dropout
+    from qlora_cli.lora_dropout import FusedDropoutLinear, draw_seed, keep_mask, use_fused_lora_dropout
 
     class ReferenceDropoutLinear(FusedDropoutLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
-            keep = keep_mask(x.reshape(-1, x.shape[-1]), seed, self.p).reshape(x.shape)
+            keep = keep_mask(x.reshape(-1, x.shape[-1]), draw_seed(x.device), self.p).reshape(x.shape)
             return F.linear(x * keep / (1 - self.p), self.weight)
 
     model = lora_model(recipe, compiled=False, precision="fp32")
