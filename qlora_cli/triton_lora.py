@@ -6,8 +6,9 @@ each: an input is kept when its 16-bit draw is at least `threshold(p)` = round(p
 probability is p rounded to 1/65536 (`effective_p`). Every kernel computes a tile's mask with `_keep`, whose
 mapping from (row, column) to (Philox counter, 16-bit lane) depends on neither the tile size nor the kernel, so
 backward regenerates exactly the forward's mask (one call per 8 inputs, where `tl.rand` makes one per input).
-Imported only on CUDA (and by `scripts/bench_lora_dropout.py`, which runs the kernels in Triton's CPU interpreter
-too): CPU torch has no triton.
+Tile sizes, warps and pipeline stages are picked per kernel and input shape by timing a few candidates on the GPU
+at the first call (`_launch`); the mask does not depend on them. Imported only on CUDA (and by
+`scripts/bench_lora_dropout.py`, which runs the kernels in Triton's CPU interpreter too): CPU torch has no triton.
 """
 
 from __future__ import annotations
@@ -15,8 +16,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
-BM, BK, SPLIT_ROWS = 64, 64, 512
+TILES: tuple[int, int] | None = None
+"""(rows, columns) of x for every kernel's tile instead of the tuned choice (tests, Triton's CPU interpreter)."""
+
+# Candidates, timed at the first call for each (kernel, rows rounded up to a power of two, columns, rank, dtype):
+# (rows, columns, warps, stages) of a tile; the weight-gradient kernel also sums over a number of rows per program.
+FORWARD = [(16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3),
+           (64, 128, 8, 4), (64, 256, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
+GRAD_INPUT = [(32, 128, 4, 2), (32, 256, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (64, 256, 8, 2), (128, 64, 4, 2),
+              (128, 128, 8, 2), (128, 256, 8, 2)]
+GRAD_WEIGHT = [(32, 64, 256, 4, 3), (32, 128, 256, 4, 3), (64, 64, 512, 4, 3), (64, 128, 512, 4, 3),
+               (64, 128, 1024, 8, 3), (64, 256, 1024, 8, 3), (128, 64, 1024, 8, 3), (128, 128, 2048, 8, 3)]
+_chosen: dict[tuple, tuple] = {}
 
 
 @triton.jit
@@ -110,18 +123,31 @@ def effective_p(p: float) -> float:
     return threshold(p) / 65536
 
 
-def _tiles() -> tuple[int, int]:
-    assert BK % 8 == 0 and BK >= 16 and BM >= 16, (BM, BK)  # whole groups of 8 columns; tl.dot's minimum
-    return BM, BK
+def _launch(kernel: str, shape: tuple, candidates: list[tuple], fixed: tuple, run) -> None:
+    """run(config) with the fastest candidate for this kernel and shape, timed once per shape on the GPU; with
+    `TILES` set, `fixed` instead."""
+    if TILES is not None:
+        assert TILES[1] % 8 == 0 and min(TILES) >= 16, TILES  # whole groups of 8 columns; tl.dot's minimum
+        return run(fixed)
+    m, *rest = shape
+    key = (kernel, triton.next_power_of_2(m), *rest)
+    if key not in _chosen:
+        times = [triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates]
+        _chosen[key] = candidates[times.index(min(times))]
+    run(_chosen[key])
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """dropout(x, p) @ weight.T for a contiguous 2-D x (M × K) and weight (R × K)."""
     (m, k), r = x.shape, weight.shape[0]
-    bm, bk = _tiles()
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
-    _forward[(triton.cdiv(m, bm),)](x, weight, h, seed, threshold(p), 1.0 / (1.0 - effective_p(p)), m, k, r,
-                                    RP=_rank_block(r), BM=bm, BK=bk)
+
+    def run(c: tuple) -> None:
+        bm, bk, warps, stages = c
+        _forward[(triton.cdiv(m, bm),)](x, weight, h, seed, threshold(p), 1.0 / (1.0 - effective_p(p)), m, k, r,
+                                        RP=_rank_block(r), BM=bm, BK=bk, num_warps=warps, num_stages=stages)
+
+    _launch("forward", (m, k, r, x.dtype), FORWARD, (*(TILES or (0, 0)), 4, 2), run)
     return h
 
 
@@ -129,21 +155,32 @@ def backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torc
              p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight) of `forward` for the gradient dh (M × R) of its output."""
     (m, k), r = x.shape, weight.shape[0]
-    bm, bk = _tiles()
     cut, scale, rp = threshold(p), 1.0 / (1.0 - effective_p(p)), _rank_block(r)
     dx = torch.empty_like(x)
-    _grad_input[(triton.cdiv(m, bm), triton.cdiv(k, bk))](dh, weight, dx, seed, cut, scale, m, k, r, RP=rp, BM=bm,
-                                                          BK=bk)
-    splits = triton.cdiv(m, SPLIT_ROWS)
-    parts = torch.empty(splits, r, k, dtype=torch.float32, device=x.device)
-    _grad_weight[(triton.cdiv(k, bk), splits)](x, dh, parts, seed, cut, scale, m, k, r, SPLIT_ROWS, RP=rp, BM=bm,
-                                               BK=bk)
-    return dx, parts.sum(0).to(weight.dtype)
+
+    def run_dx(c: tuple) -> None:
+        bm, bk, warps, stages = c
+        _grad_input[(triton.cdiv(m, bm), triton.cdiv(k, bk))](dh, weight, dx, seed, cut, scale, m, k, r, RP=rp,
+                                                              BM=bm, BK=bk, num_warps=warps, num_stages=stages)
+
+    _launch("grad_input", (m, k, r, x.dtype), GRAD_INPUT, (*(TILES or (0, 0)), 4, 2), run_dx)
+    parts: list[torch.Tensor] = []
+
+    def run_dw(c: tuple) -> None:
+        bm, bk, rows, warps, stages = c
+        splits = triton.cdiv(m, rows)
+        parts[:] = [torch.empty(splits, r, k, dtype=torch.float32, device=x.device)]
+        _grad_weight[(triton.cdiv(k, bk), splits)](x, dh, parts[0], seed, cut, scale, m, k, r, rows, RP=rp, BM=bm,
+                                                   BK=bk, num_warps=warps, num_stages=stages)
+
+    _launch("grad_weight", (m, k, r, x.dtype), GRAD_WEIGHT, (*(TILES or (0, 0)), 4 * (TILES or (0,))[0], 4, 2),
+            run_dw)
+    return dx, parts[0].sum(0).to(weight.dtype)
 
 
 def keep_mask(seed: torch.Tensor, p: float, m: int, k: int, device: torch.device | str) -> torch.Tensor:
     """The mask the kernels use for an M × K input (True: kept), for tests."""
-    bm, bk = _tiles()
+    bm, bk = TILES or (64, 64)
     out = torch.empty(m, k, dtype=torch.int8, device=device)
     _keep_mask[(triton.cdiv(m, bm), triton.cdiv(k, bk))](out, seed, threshold(p), m, k, BM=bm, BK=bk)
     return out.bool()

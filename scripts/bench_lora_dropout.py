@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -54,10 +53,9 @@ def check(m: int, k: int, r: int, p: float, dtype: torch.dtype, device: str) -> 
         worst = max(worst, err)
         print(f"  {name:3s} relative error {err:.2e}")
     print(f"  kept {keep.float().mean().item():.4f} of the inputs (1 - p = {1 - p:.4f})")
-    tiles = triton_lora.BM, triton_lora.BK
-    triton_lora.BM, triton_lora.BK = 16, 128
+    tiles, triton_lora.TILES = triton_lora.TILES, (16, 128)
     same = torch.equal(triton_lora.keep_mask(seed, p, m, k, device), keep)
-    triton_lora.BM, triton_lora.BK = tiles
+    triton_lora.TILES = tiles
     print(f"  the same mask with 16 x 128 tiles: {same}")
     if not same:
         return float("inf")
@@ -68,29 +66,35 @@ def check(m: int, k: int, r: int, p: float, dtype: torch.dtype, device: str) -> 
 
 
 def timed(fn, steps: int, warmup: int) -> float:
+    """GPU milliseconds per call: the calls are queued behind a ~0.5 s GPU spin, so the time between the events is
+    the GPU's alone, not the CPU's launching (in training the CPU runs ahead of the GPU)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(10**9)
+    start.record()
     for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    end.record()
+    queued = start.query()  # still spinning once every call is queued: nothing of the CPU's time is counted
+    end.synchronize()
+    if queued:
+        print(f"  warning: the GPU caught up with the CPU while {steps} calls were queued; times include launch")
+    return start.elapsed_time(end) / steps
 
 
-def bench(m: int, k: int, n: int, r: int, p: float, steps: int, warmup: int,
-          blocks: list[tuple[int, int]]) -> list[tuple[str, float, float]]:
-    """(variant, forward ms, forward + backward ms) for one projection's LoRA path, x of m × k, output width n;
-    the fused kernels once per (rows, columns) tile size in `blocks`."""
+def bench(m: int, k: int, n: int, r: int, p: float, steps: int,
+          warmup: int) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
+    """One projection's LoRA path, x of m × k, output width n: ((variant, forward ms, forward + backward ms), ...)
+    and the A product's kernels alone ((part, without dropout (cuBLAS) ms, fused kernel ms), ...)."""
     dev, dt = "cuda", torch.bfloat16
     x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
     a = (torch.randn(r, k, device=dev, dtype=dt) / k**0.5).requires_grad_()
     b = (torch.randn(n, r, device=dev, dtype=dt) / r**0.5).requires_grad_()
     dy = torch.randn(m, n, device=dev, dtype=dt)
+    dh = torch.randn(m, r, device=dev, dtype=dt)
+    seed = torch.tensor([7], device=dev)
     scale = 2.0
     compiled = torch.compile(lambda x, a, b: (torch.nn.functional.dropout(x, p) @ a.T) @ b.T * scale)
     plain = torch.compile(lambda x, a, b: (x @ a.T) @ b.T * scale)
@@ -98,17 +102,21 @@ def bench(m: int, k: int, n: int, r: int, p: float, steps: int, warmup: int,
     def fused():
         return (dropout_matmul(x, a, torch.randint(0, 1 << 30, (1,), device=dev), p) @ b.T) * scale
 
-    variants = {"compiled (peft's expression)": (lambda: compiled(x, a, b), None),
-                "dropout 0": (lambda: plain(x, a, b), None),
-                **{f"fused Triton {bm}x{bk}": (fused, (bm, bk)) for bm, bk in blocks}}
     rows = []
-    for name, (f, tiles) in variants.items():
-        if tiles:
-            triton_lora.BM, triton_lora.BK = tiles
+    for name, f in {"compiled (peft's expression)": lambda: compiled(x, a, b), "dropout 0": lambda: plain(x, a, b),
+                    "fused Triton": fused}.items():
         forward = timed(f, steps, warmup)  # in grad mode, as the checkpoint's first pass runs it
         both = timed(lambda f=f: f().backward(dy), steps, warmup)
         rows.append((name, forward, both))
-    return rows
+    xd, ad = x.detach(), a.detach()
+    parts = [("h = x @ A.T", timed(lambda: xd @ ad.T, steps, warmup),
+              timed(lambda: triton_lora.forward(xd, ad, seed, p), steps, warmup)),
+             ("dx = dh @ A", timed(lambda: dh @ ad, steps, warmup),
+              timed(lambda: triton_lora.backward(dh, xd, ad, seed, p)[0], steps, warmup)),
+             ("dA = dh.T @ x", timed(lambda: dh.T @ xd, steps, warmup), 0.0)]
+    both = timed(lambda: triton_lora.backward(dh, xd, ad, seed, p), steps, warmup)
+    parts[2] = (parts[2][0], parts[2][1], both - parts[1][2])  # the backward's dA part: its time less dx's
+    return rows, parts
 
 
 def main() -> None:
@@ -120,12 +128,12 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--blocks", default="64x64,32x64,64x128,128x64",
-                   help="tile sizes (rows x columns of x) to time the fused kernels with")
     p.add_argument("--check", action="store_true", help="compare the fused kernels with PyTorch first")
     p.add_argument("--interpret", action="store_true", help="run the kernels on the CPU (fp32; checks only)")
     a = p.parse_args()
     device = "cpu" if a.interpret else "cuda"
+    if a.interpret:
+        triton_lora.TILES = (64, 64)
     if a.check:
         if a.interpret:  # small and ragged shapes, a rank below tl.dot's 16
             shapes = [(256, 192, a.rank), (200, 130, a.rank), (96, 80, 8)]
@@ -143,12 +151,14 @@ def main() -> None:
     if a.interpret:
         return
     print(f"{torch.cuda.get_device_name(0)}, {a.tokens} tokens, rank {a.rank}, dropout {a.dropout}, "
-          f"{a.steps} timed calls after {a.warmup} (median)")
-    blocks = [tuple(int(v) for v in b.split("x")) for b in a.blocks.split(",")]
+          f"GPU time per call, mean of {a.steps} queued calls after {a.warmup}")
     print(f"{'input width':>11}  {'variant':30s} {'forward ms':>10} {'fwd+bwd ms':>10} {'ckpt ms':>8}")
     per_width: dict[int, dict[str, float]] = {}
+    kernels = []
     for k in (int(w) for w in a.widths.split(",")):
-        for name, forward, both in bench(a.tokens, k, a.out_width, a.rank, a.dropout, a.steps, a.warmup, blocks):
+        rows, parts = bench(a.tokens, k, a.out_width, a.rank, a.dropout, a.steps, a.warmup)
+        kernels += [(k, *part) for part in parts]
+        for name, forward, both in rows:
             per_width.setdefault(k, {})[name] = forward + both
             print(f"{k:>11}  {name:30s} {forward:>10.3f} {both:>10.3f} {forward + both:>8.3f}")
     print("ckpt: forward + (forward + backward), what a step under gradient checkpointing runs per projection")
@@ -156,6 +166,12 @@ def main() -> None:
         print("per step of a 32-layer Mistral-7B / Llama-3-8B shape (6 projections of width 4096, 1 of 14336):")
         for name, cost in per_width[4096].items():
             print(f"  {name:30s} {32 * (6 * cost + per_width[14336][name]):8.1f} ms")
+    print("the A product's kernels alone (ms): cuBLAS without dropout vs the fused kernel")
+    for k, part, plain_ms, fused_ms in kernels:
+        print(f"{k:>11}  {part:16s} {plain_ms:8.3f} {fused_ms:8.3f}")
+    print("tuned (rows, columns, [rows per program,] warps, stages):")
+    for key, config in sorted(triton_lora._chosen.items(), key=str):
+        print(f"  {key} -> {config}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,7 @@
 #   bash docs/bench/issue14-gpu.sh n   # eighth session: Llama-3-8B baseline vs qlora, logging every 10
 #   bash docs/bench/issue14-gpu.sh o   # LoRA dropout alone, one projection: compiled vs dropout 0 vs fused Triton
 #     # kernels (scripts/bench_lora_dropout.py; needs only torch and triton, so no wheels to install first)
-#   bash docs/bench/issue14-gpu.sh p   # Mistral-7B: baseline, qlora, qlora with training.fused_lora_dropout,
-#     # qlora with lora_dropout 0, logging every 10
+#   bash docs/bench/issue14-gpu.sh p   # Mistral-7B: baseline, qlora, qlora with training.fused_lora_dropout, logging every 10
 #   bash docs/bench/issue14-gpu.sh q   # Llama-3-8B: baseline, qlora, qlora with training.fused_lora_dropout
 #   bash docs/bench/issue14-gpu.sh r   # Mistral-7B: qlora and qlora with the fused dropout, two steps of each
 #     # profiled (logging every 10); the GPU's idle gaps in each timeline (what is left between the steps)
@@ -120,7 +119,7 @@ elif [ "$1" = n ]; then
 elif [ "$1" = o ]; then
   python3 scripts/bench_lora_dropout.py --check 2>&1 | tee "$OUT/lora-dropout.txt"
 elif [ "$1" = p ]; then
-  log10 mistral7b baseline,qlora,qlora-training.fused_lora_dropout=true,qlora-lora.lora_dropout=0 fused
+  log10 mistral7b baseline,qlora,qlora-training.fused_lora_dropout=true fused
 elif [ "$1" = q ]; then
   log10 llama3-8b baseline,qlora,qlora-training.fused_lora_dropout=true fused
 elif [ "$1" = r ]; then
