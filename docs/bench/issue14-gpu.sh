@@ -30,6 +30,8 @@
 #   bash docs/bench/issue14-gpu.sh q   # Llama-3-8B: baseline, qlora, qlora with training.fused_lora_dropout
 #   bash docs/bench/issue14-gpu.sh r   # Mistral-7B: qlora and qlora with the fused dropout, two steps of each
 #     # profiled (logging every 10); the GPU's idle gaps in each timeline (what is left between the steps)
+#   bash docs/bench/issue14-gpu.sh s   # Llama-3-8B again: baseline, qlora with the fused dropout before qlora without
+#     # it (the other order from q), 50 timed steps
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -122,6 +124,10 @@ elif [ "$1" = p ]; then
   log10 mistral7b baseline,qlora,qlora-training.fused_lora_dropout=true fused
 elif [ "$1" = q ]; then
   log10 llama3-8b baseline,qlora,qlora-training.fused_lora_dropout=true fused
+elif [ "$1" = s ]; then
+  python3 scripts/bench_train.py --shape llama3-8b --steps 50 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
+    --variants "baseline,qlora-training.fused_lora_dropout=true,qlora" --out "$OUT/llama3-8b-log10-fused50-h200.json" \
+    2>&1 | tee "$OUT/llama3-8b-fused50.log"
 elif [ "$1" = r ]; then
   python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
     --variants "qlora,qlora-training.fused_lora_dropout=true" --profile-dir /tmp/prof \
