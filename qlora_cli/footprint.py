@@ -255,6 +255,7 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
     give the same estimate.
     """
     from .commands.train import uses_liger
+    from .lora_dropout import fuses_dropout
     from .model import Device, resolve_attention, resolve_compile
 
     t, lora, data = recipe.training, recipe.lora, recipe.data
@@ -284,7 +285,8 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
         double_quant=recipe.quantization.bnb_4bit_use_double_quant,
         lora_r=lora.r,
         target_modules=targets,
-        lora_dropout=lora.lora_dropout > 0,
+        # inside the A projections (training.fused_lora_dropout) dropout keeps neither a copy nor a mask
+        lora_dropout=lora.lora_dropout > 0 and not fuses_dropout(recipe, compiled),
         use_dora=lora.use_dora,
         modules_to_save=tuple(lora.modules_to_save or ()),
         adapter_bytes=4 if lora.adapter_dtype == "float32" else 2,

@@ -17,8 +17,28 @@ peft-dropout run by its random draws only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+
+def resolve_fused_lora_dropout(recipe: Recipe, compiled: bool) -> bool:
+    """`training.fused_lora_dropout: auto` -> on where the decoder layers are compiled (CUDA training of models
+    with hidden size >= 2048, not FSDP), the setting it was measured in; true/false as written."""
+    setting = recipe.training.fused_lora_dropout
+    return compiled if setting == "auto" else bool(setting)
+
+
+def fuses_dropout(recipe: Recipe, compiled: bool) -> bool:
+    """Whether training will run the recipe's LoRA dropout inside the A projections: the option resolved, and a
+    dropout and adapters it applies to (plain LoRA, bfloat16 adapters where it runs on the GPU)."""
+    lora = recipe.lora
+    return (resolve_fused_lora_dropout(recipe, compiled) and lora.lora_dropout > 0 and not lora.use_dora
+            and lora.adapter_dtype != "float32")
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:

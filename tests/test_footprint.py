@@ -308,6 +308,25 @@ def test_compiled_layers_keep_what_liger_keeps_and_the_dropout_masks() -> None:
     assert compiled.term("activations").bytes == liger.term("activations").bytes
 
 
+def test_dropout_inside_the_a_projections_keeps_no_copies_or_masks_where_the_layers_are_compiled(
+        tmp_path: Path) -> None:
+    """`training.fused_lora_dropout: auto` follows the compiled layers (a 7B recipe on the GPU), and the estimate
+    follows it: the LoRA inputs are kept once, as without dropout; with peft's dropout (`false`, or eager layers,
+    or float32 adapters the kernels skip) each adapter's copy and mask are counted."""
+    def lora_inputs(*overrides: str) -> tuple[bool, int]:
+        est = estimate_for_recipe(load_recipe(write_recipe(tmp_path), list(overrides)))
+        part = next(p for p in est.layer_parts if p.startswith("LoRA inputs"))
+        return est.settings.lora_dropout, int(part.rsplit(" ", 1)[1].replace(",", ""))
+
+    fused, peft = lora_inputs(), lora_inputs("training.fused_lora_dropout=false")
+    assert fused[0] is False and peft[0] is True
+    assert lora_inputs("lora.lora_dropout=0") == fused  # the dropout-free layout
+    assert fused[1] < peft[1]
+    assert lora_inputs("training.compile_layers=false")[0] is True
+    assert lora_inputs("lora.adapter_dtype=float32")[0] is True
+    assert lora_inputs("training.compile_layers=false", "training.fused_lora_dropout=true")[0] is False
+
+
 def test_packed_rows_under_flex_attention_build_no_mask() -> None:
     a = arch(LLAMA3)
     sdpa = estimate(a, settings(packing=True, gradient_checkpointing=False))

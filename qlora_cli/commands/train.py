@@ -17,7 +17,7 @@ from rich.text import Text
 
 from .. import data as datamod
 from ..errors import UserError
-from ..lora_dropout import FusedDropoutLinear, use_fused_lora_dropout
+from ..lora_dropout import FusedDropoutLinear, resolve_fused_lora_dropout, use_fused_lora_dropout
 from ..model import (
     Device,
     check_target_modules,
@@ -190,10 +190,11 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
     a dynamic recompile at the second length).
     """
     set_adapter_dtype(model, recipe.lora.adapter_dtype)
-    if recipe.training.fused_lora_dropout:
-        use_fused_lora_dropout(model)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not resolve_compile(recipe, device, hidden):
+    compiled = resolve_compile(recipe, device, hidden)
+    if resolve_fused_lora_dropout(recipe, compiled):
+        use_fused_lora_dropout(model)
+    if not compiled:
         return 0
     if recipe.training.compile_nf4:
         use_compiled_dequantization(model)
@@ -599,10 +600,11 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     if compiled:
         console.print(f"Compiling {compiled} decoder layers with torch.compile (training.compile_layers); the first "
                       "steps are slower while it compiles")
-    if recipe.training.fused_lora_dropout:
-        fused = sum(isinstance(m, FusedDropoutLinear) for m in trainer.model.modules())
-        console.print(f"LoRA dropout inside the A projection of {fused} LoRA layers (training.fused_lora_dropout)"
-                      if fused else "[yellow]training.fused_lora_dropout is on but no LoRA layer qualifies (it needs "
+    fused = sum(isinstance(m, FusedDropoutLinear) for m in trainer.model.modules())
+    if fused:
+        console.print(f"LoRA dropout inside the A projection of {fused} LoRA layers (training.fused_lora_dropout)")
+    elif recipe.training.fused_lora_dropout is True:
+        console.print("[yellow]training.fused_lora_dropout is on but no LoRA layer qualifies (it needs "
                       "lora.lora_dropout > 0, plain LoRA, and on CUDA bfloat16 adapters); training with peft's "
                       "dropout[/yellow]")
     t1 = time.perf_counter()
