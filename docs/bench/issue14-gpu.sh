@@ -24,11 +24,13 @@
 #     # optimizer no longer waits): Mistral-7B baseline, qlora, qlora with lora_dropout 0, and qlora at commit
 #     # dfd4e80 (in bench-old/: git archive dfd4e80 qlora_cli scripts recipes | tar -x -C bench-old), logging every 10
 #   bash docs/bench/issue14-gpu.sh n   # eighth session: Llama-3-8B baseline vs qlora, logging every 10
-#   bash docs/bench/issue14-gpu.sh o   # LoRA dropout alone, one projection: compiled vs dropout 0 vs fused Triton
+#   bash docs/bench/issue14-gpu.sh o   # LoRA dropout alone, one projection: compiled vs dropout 0 vs fused Triton (tuned)
 #     # kernels (scripts/bench_lora_dropout.py; needs only torch and triton, so no wheels to install first)
-#   bash docs/bench/issue14-gpu.sh p   # Mistral-7B: baseline, qlora, qlora with training.fused_lora_dropout, logging every 10
-#   bash docs/bench/issue14-gpu.sh q   # Llama-3-8B: baseline, qlora, qlora with training.fused_lora_dropout
-#   bash docs/bench/issue14-gpu.sh r   # Mistral-7B: qlora and qlora with the fused dropout, two steps of each
+#   (p-s ran in the ninth session, when training.fused_lora_dropout was off by default; it is now on where the
+#   layers are compiled, so these modes name `false` for peft's dropout and plain `qlora` is the fused variant)
+#   bash docs/bench/issue14-gpu.sh p   # Mistral-7B: baseline, qlora with peft's dropout, qlora with the fused dropout
+#   bash docs/bench/issue14-gpu.sh q   # Llama-3-8B: baseline, qlora with peft's dropout, qlora with the fused dropout
+#   bash docs/bench/issue14-gpu.sh r   # Mistral-7B: qlora with peft's dropout and with the fused one, two steps of each
 #     # profiled (logging every 10); the GPU's idle gaps in each timeline (what is left between the steps)
 #   bash docs/bench/issue14-gpu.sh s   # Llama-3-8B again: baseline, qlora with the fused dropout before qlora without
 #     # it (the other order from q), 50 timed steps
@@ -121,19 +123,19 @@ elif [ "$1" = n ]; then
 elif [ "$1" = o ]; then
   python3 scripts/bench_lora_dropout.py --check 2>&1 | tee "$OUT/lora-dropout.txt"
 elif [ "$1" = p ]; then
-  log10 mistral7b baseline,qlora,qlora-training.fused_lora_dropout=true fused
+  log10 mistral7b baseline,qlora-training.fused_lora_dropout=false,qlora fused
 elif [ "$1" = q ]; then
-  log10 llama3-8b baseline,qlora,qlora-training.fused_lora_dropout=true fused
+  log10 llama3-8b baseline,qlora-training.fused_lora_dropout=false,qlora fused
 elif [ "$1" = s ]; then
   python3 scripts/bench_train.py --shape llama3-8b --steps 50 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
-    --variants "baseline,qlora-training.fused_lora_dropout=true,qlora" --out "$OUT/llama3-8b-log10-fused50-h200.json" \
+    --variants "baseline,qlora,qlora-training.fused_lora_dropout=false" --out "$OUT/llama3-8b-log10-fused50-h200.json" \
     2>&1 | tee "$OUT/llama3-8b-fused50.log"
 elif [ "$1" = r ]; then
   python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
-    --variants "qlora,qlora-training.fused_lora_dropout=true" --profile-dir /tmp/prof \
+    --variants "qlora-training.fused_lora_dropout=false,qlora" --profile-dir /tmp/prof \
     --out "$OUT/mistral7b-profiled-h200.json" 2>&1 | tee "$OUT/mistral7b.log"
-  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora.json.gz > "$OUT/gaps-qlora.txt"
-  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora-training.fused_lora_dropout_true.json.gz > "$OUT/gaps-fused.txt"
-  cp /tmp/prof/profile-qlora.txt "$OUT/"
-  cp /tmp/prof/profile-qlora-training.fused_lora_dropout_true.txt "$OUT/profile-qlora-fused.txt"
+  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora.json.gz > "$OUT/gaps-fused.txt"
+  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora-training.fused_lora_dropout_false.json.gz > "$OUT/gaps-peft-dropout.txt"
+  cp /tmp/prof/profile-qlora.txt "$OUT/profile-qlora-fused.txt"
+  cp /tmp/prof/profile-qlora-training.fused_lora_dropout_false.txt "$OUT/profile-qlora-peft-dropout.txt"
 fi
