@@ -52,6 +52,8 @@ class Config:
     liger: bool = False
     padded: bool = False  # rows of different lengths: batches are padded and need an attention mask
     compiled: bool = False  # training.compile_layers (groups a and b ran before it existed: eager layers)
+    fused_dropout: bool = False  # training.fused_lora_dropout (on by default with compiled layers since the ninth
+    # session; the runs before it measured peft's dropout)
     group: str = "a"  # a: the first GPU run, which the model's measured terms were fitted to; b: the second
 
 
@@ -79,6 +81,8 @@ CONFIGS = [  # Mistral without Liger's kernels, Llama-3 with them (the recipe de
     Config("mistral-2048x2-nockpt-compiled-nodropout", "mistral-7b", 2048, 2, False, dropout=0.0, compiled=True,
            group="c"),
     Config("mistral-2048x4-ckpt-compiled", "mistral-7b", 2048, 4, True, compiled=True, group="c"),
+    Config("mistral-2048x2-nockpt-compiled-fused", "mistral-7b", 2048, 2, False, compiled=True, fused_dropout=True,
+           group="c"),
 ]
 STEPS, ACCUMULATION = 2, 2
 
@@ -146,6 +150,8 @@ def write_inputs(cfg: Config, ckpt: Path, work: Path, tiny: bool) -> Path:
     }
     if "compile_layers" in TrainingConfig.__dataclass_fields__:
         training["compile_layers"] = cfg.compiled
+    if "fused_lora_dropout" in TrainingConfig.__dataclass_fields__:
+        training["fused_lora_dropout"] = cfg.fused_dropout
     if "use_liger_kernel" in TrainingConfig.__dataclass_fields__:
         training["use_liger_kernel"] = cfg.liger
     elif cfg.liger:
