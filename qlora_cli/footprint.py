@@ -459,8 +459,9 @@ def layer_activation_bytes(arch: Architecture, s: RunSettings) -> tuple[int, lis
     - with a mask, SDPA turns the boolean mask into an additive bf16 bias of batch x seq x seq in every layer;
     - the MLP keeps the gate output (for SiLU's backward), SiLU's output and the up projection (for the product);
     - the frozen 4-bit matmul keeps nothing (bitsandbytes saves only the packed weight); each LoRA adapter keeps
-      its input for the gradient of A (shared when inputs are the same tensor, copied per adapter by dropout,
-      which also keeps a one-byte mask) and its rank-r intermediate for the gradient of B.
+      its input for the gradient of A (shared when inputs are the same tensor, copied per adapter by peft's
+      dropout, which also keeps a one-byte mask; dropout inside the A product, `training.fused_lora_dropout`,
+      keeps neither) and its rank-r intermediate for the gradient of B.
     """
     b, h, i = s.act_bytes, arch.hidden, arch.intermediate
     targets = set(s.target_modules)

@@ -183,7 +183,7 @@ class TrainingConfig:
         "auto", help="Apply LoRA dropout inside the product with A (Triton kernels on CUDA, a mask regenerated from "
         "a seed in backward) instead of writing the dropped-out input and a mask for each projection; plain LoRA "
         "with lora_dropout > 0 only (on CUDA: bfloat16 adapters). Same distribution of masks as peft's, other "
-        "draws. `auto` = on where the decoder layers are compiled (compile_layers): +0.8 to +5.7 % tokens/s and "
+        "draws. `auto` = on where the decoder layers are compiled (compile_layers): +0.3 to +5.7 % tokens/s and "
         "0.35 GB less peak memory on 7-8B shapes on an H200 (docs/performance.md, ninth session).",
     )
     allow_cpu: bool = _f(False, help="Train on the CPU when no CUDA GPU is visible (tiny models and tests only).")
