@@ -13,6 +13,9 @@ at the first call (`_launch`); the mask does not depend on them. Imported only o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +33,7 @@ GRAD_INPUT = [(32, 128, 4, 2), (32, 256, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2),
 GRAD_WEIGHT = [(32, 64, 256, 4, 3), (32, 128, 256, 4, 3), (64, 64, 512, 4, 3), (64, 128, 512, 4, 3),
                (64, 128, 1024, 8, 3), (64, 256, 1024, 8, 3), (128, 64, 1024, 8, 3), (128, 128, 2048, 8, 3)]
 _chosen: dict[tuple, tuple] = {}
+T = TypeVar("T")
 
 
 @triton.jit
@@ -123,18 +127,20 @@ def effective_p(p: float) -> float:
     return threshold(p) / 65536
 
 
-def _launch(kernel: str, shape: tuple, candidates: list[tuple], fixed: tuple, run) -> None:
-    """run(config) with the fastest candidate for this kernel and shape, timed once per shape on the GPU; with
-    `TILES` set, `fixed` instead."""
+def _launch(kernel: str, shape: tuple, candidates: list[tuple], run: Callable[[tuple], T]) -> T:
+    """run(config) with the fastest of `candidates` for this kernel and shape, timed once per shape on the GPU;
+    with `TILES` set, a config of the candidates' form with those tiles, 4 warps and 2 stages (and, for the
+    weight gradient, 4 tiles of rows per program) instead."""
     if TILES is not None:
-        assert TILES[1] % 8 == 0 and min(TILES) >= 16, TILES  # whole groups of 8 columns; tl.dot's minimum
-        return run(fixed)
+        bm, bk = TILES
+        assert bk % 8 == 0 and min(bm, bk) >= 16, TILES  # whole groups of 8 columns; tl.dot's minimum
+        return run((bm, bk, 4 * bm, 4, 2) if len(candidates[0]) == 5 else (bm, bk, 4, 2))
     m, *rest = shape
     key = (kernel, triton.next_power_of_2(m), *rest)
     if key not in _chosen:
         times = [triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates]
         _chosen[key] = candidates[times.index(min(times))]
-    run(_chosen[key])
+    return run(_chosen[key])
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -147,7 +153,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float)
         _forward[(triton.cdiv(m, bm),)](x, weight, h, seed, threshold(p), 1.0 / (1.0 - effective_p(p)), m, k, r,
                                         RP=_rank_block(r), BM=bm, BK=bk, num_warps=warps, num_stages=stages)
 
-    _launch("forward", (m, k, r, x.dtype), FORWARD, (*(TILES or (0, 0)), 4, 2), run)
+    _launch("forward", (m, k, r, x.dtype), FORWARD, run)
     return h
 
 
@@ -163,19 +169,15 @@ def backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torc
         _grad_input[(triton.cdiv(m, bm), triton.cdiv(k, bk))](dh, weight, dx, seed, cut, scale, m, k, r, RP=rp,
                                                               BM=bm, BK=bk, num_warps=warps, num_stages=stages)
 
-    _launch("grad_input", (m, k, r, x.dtype), GRAD_INPUT, (*(TILES or (0, 0)), 4, 2), run_dx)
-    parts: list[torch.Tensor] = []
-
-    def run_dw(c: tuple) -> None:
+    def run_dw(c: tuple) -> torch.Tensor:  # partial sums of dweight, one per `rows` rows of x
         bm, bk, rows, warps, stages = c
-        splits = triton.cdiv(m, rows)
-        parts[:] = [torch.empty(splits, r, k, dtype=torch.float32, device=x.device)]
-        _grad_weight[(triton.cdiv(k, bk), splits)](x, dh, parts[0], seed, cut, scale, m, k, r, rows, RP=rp, BM=bm,
-                                                   BK=bk, num_warps=warps, num_stages=stages)
+        parts = torch.empty(triton.cdiv(m, rows), r, k, dtype=torch.float32, device=x.device)
+        _grad_weight[(triton.cdiv(k, bk), parts.shape[0])](x, dh, parts, seed, cut, scale, m, k, r, rows, RP=rp,
+                                                           BM=bm, BK=bk, num_warps=warps, num_stages=stages)
+        return parts
 
-    _launch("grad_weight", (m, k, r, x.dtype), GRAD_WEIGHT, (*(TILES or (0, 0)), 4 * (TILES or (0,))[0], 4, 2),
-            run_dw)
-    return dx, parts[0].sum(0).to(weight.dtype)
+    _launch("grad_input", (m, k, r, x.dtype), GRAD_INPUT, run_dx)
+    return dx, _launch("grad_weight", (m, k, r, x.dtype), GRAD_WEIGHT, run_dw).sum(0).to(weight.dtype)
 
 
 def keep_mask(seed: torch.Tensor, p: float, m: int, k: int, device: torch.device | str) -> torch.Tensor:

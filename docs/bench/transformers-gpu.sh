@@ -4,7 +4,7 @@
 # upgrade transformers on the GPU machine first. Its set (26 MB: huggingface_hub 2.4 also needs httpx2, click 8.4+,
 # hf-xet) and qlora's `.whl` (45 MB, 43 of it bitsandbytes' libraries for every CUDA and ROCm version) do not fit
 # one call's 64 MiB carry; with bitsandbytes cut to the CUDA 13 libraries the GPU image's torch (cu130) loads, all
-# of it is 36 MB, one call:
+# of it is 37 MB, one call:
 #   bash docs/bench/transformers-gpu.sh fetch          # here: transformers 5.25 and what it needs -> ./.t525
 #   bash docs/bench/transformers-gpu.sh pack           # here: .whl (bitsandbytes cut) + .t525 -> ./.gpu
 #   device call, carry .gpu:  bash docs/bench/transformers-gpu.sh run c   # installs, then a mode of issue14-gpu.sh
