@@ -34,6 +34,8 @@
 #     # profiled (logging every 10); the GPU's idle gaps in each timeline (what is left between the steps)
 #   bash docs/bench/issue14-gpu.sh s   # Llama-3-8B again: baseline, qlora with the fused dropout before qlora without
 #     # it (the other order from q), 50 timed steps
+#   bash docs/bench/issue14-gpu.sh t   # tenth session: Llama-3-8B and Mistral-7B qlora, two steps of each profiled
+#     # (logging every 10): where Llama's extra ~70 ms a step go; the LM head alone (scripts/bench_lm_head.py)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -138,4 +140,14 @@ elif [ "$1" = r ]; then
   python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora-training.fused_lora_dropout_false.json.gz > "$OUT/gaps-peft-dropout.txt"
   cp /tmp/prof/profile-qlora.txt "$OUT/profile-qlora-fused.txt"
   cp /tmp/prof/profile-qlora-training.fused_lora_dropout_false.txt "$OUT/profile-qlora-peft-dropout.txt"
+elif [ "$1" = t ]; then
+  python3 scripts/bench_lm_head.py 2>&1 | tee "$OUT/lm-head.txt"
+  for shape in llama3-8b mistral7b; do
+    python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
+      --variants qlora --profile-dir /tmp/prof-$shape --out "$OUT/$shape-profiled-h200.json" 2>&1 | tee "$OUT/$shape.log"
+    python3 scripts/gpu_gaps.py /tmp/prof-$shape/trace-qlora.json.gz > "$OUT/gaps-$shape.txt"
+    cp /tmp/prof-$shape/profile-qlora.txt "$OUT/profile-$shape.txt"
+    cp /tmp/prof-$shape/trace-qlora.json.gz "$OUT/trace-$shape.json.gz"
+    rm -rf $W/ckpt-$shape
+  done
 fi
