@@ -5,10 +5,12 @@ Nothing here reads the recipe file or trains; each function takes the typed sect
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -109,6 +111,36 @@ def resolve_attention(recipe: Recipe, device: Device) -> str:
         except ImportError:
             pass
     return "sdpa"
+
+
+@contextlib.contextmanager
+def packed_masks_without_readback() -> Iterator[None]:
+    """While open, transformers builds packed rows' attention masks without reading a value back from the GPU.
+
+    transformers' `find_packed_sequence_indices` turns position ids into sequence indices, then checks
+    `(indices[:, -1] == 0).all()` in Python to return None where every row holds one sequence. That read-back, at the
+    start of every forward pass, made the CPU wait for the GPU to finish the previous step before it queued the
+    mask and the first layers, and the GPU then idled while the CPU built them (~20 ms a step at the step boundary
+    of an H200 profile, `docs/performance.md`, tenth session). The indices are returned always here: a row holding
+    one sequence gets the same causal attention either way.
+    """
+    import torch
+    import transformers.masking_utils as masking
+
+    original = getattr(masking, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+
+    def find_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor:
+        position_diff = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+        return (position_diff != 1).cumsum(-1)
+
+    masking.find_packed_sequence_indices = find_packed_sequence_indices
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
 
 
 def compute_dtype(quant: QuantizationConfig, precision: str) -> torch.dtype:

@@ -186,6 +186,12 @@ class TrainingConfig:
         "draws. `auto` = on where the decoder layers are compiled (compile_layers): +0.3 to +5.7 % tokens/s and "
         "0.35 GB less peak memory on 7-8B shapes on an H200 (docs/performance.md, ninth session).",
     )
+    lm_head_grad_in_forward: bool = _f(
+        True, help="Take the loss head's gradient with respect to the hidden states in forward, while each tile of "
+        "logits is at hand (qlora_cli/lm_head.py): two vocabulary-sized matrix products a step instead of TRL's "
+        "three, the same log-probabilities, entropy and accuracy; false = TRL's chunked head. Only the "
+        "log-probabilities get a gradient; heads that train or soft-cap their logits always use TRL's.",
+    )
     allow_cpu: bool = _f(False, help="Train on the CPU when no CUDA GPU is visible (tiny models and tests only).")
     sft_args: dict[str, Any] = _f(
         {}, help="Any other trl.SFTConfig / TrainingArguments field, passed through after validation."

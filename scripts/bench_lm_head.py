@@ -11,16 +11,20 @@ again before the gradient's product, three products of tokens x hidden x vocabul
 
     python scripts/bench_lm_head.py                  # on a CUDA GPU: both heads agree, then GPU ms per call
     python scripts/bench_lm_head.py --check-only     # agreement only (also on the CPU, small shapes)
+    python scripts/bench_lm_head.py --check-only --interpret   # qlora's Triton kernel in Triton's CPU interpreter
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+if "--interpret" in sys.argv:  # before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer asks for
@@ -98,9 +102,15 @@ def timed(fn, steps: int, warmup: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check-only", action="store_true")
+    p.add_argument("--interpret", action="store_true", help="run qlora's Triton kernel in Triton's CPU interpreter")
     p.add_argument("--tokens", type=int, default=4 * 2047, help="scored tokens a micro-batch (4 x 2048 packed)")
     p.add_argument("--steps", type=int, default=20)
     a = p.parse_args()
+    if a.interpret:
+        from qlora_cli import lm_head
+
+        assert lm_head.triton is not None, "--interpret needs triton importable (e.g. PYTHONPATH=<triton>)"
+        lm_head._use_triton = lambda device: True
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, {dtype}")

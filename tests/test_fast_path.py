@@ -7,6 +7,7 @@ padding-free batch (the examples concatenated into one row, told apart by positi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,44 @@ def test_packed_examples_do_not_attend_to_each_other(examples, tiny_model_dir: P
             if i > 0:  # what attending across examples would change
                 assert (leaky[start:end] - alone).abs().mean().item() > 10 * error, i
             start = end
+
+
+def test_a_packed_batch_gets_its_attention_mask_without_a_read_back_and_the_same_logits(examples) -> None:
+    """While training, transformers builds a packed row's per-sequence mask without reading a value back from the
+    device (`packed_masks_without_readback`; its own check waits for the GPU at every forward pass), and the
+    logits are the same as with transformers' own mask, for a row of several examples and for a row of one."""
+    from torch.overrides import TorchFunctionMode
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from qlora_cli.model import packed_masks_without_readback
+
+    class ReadBacks(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("item", "__bool__", "__int__", "__float__", "tolist"):
+                frame = sys._getframe(1)
+                while frame and "/torch/" in frame.f_code.co_filename:
+                    frame = frame.f_back
+                self.seen.append(frame.f_code.co_name)
+            return func(*args, **(kwargs or {}))
+
+    recipe, tokenizer, rows = examples
+    model = load_model(recipe, DEVICE, "bf16")
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    for batch in (rows, rows[:1]):
+        flat = on_device(collate([{"input_ids": r["input_ids"]} for r in batch]))
+        with torch.no_grad():
+            theirs = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"]).logits
+            with packed_masks_without_readback(), ReadBacks() as mode:
+                ours = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"]).logits
+        assert torch.equal(ours, theirs)
+        assert "find_packed_sequence_indices" not in mode.seen
+    with ReadBacks() as mode, torch.no_grad():  # what transformers does on its own
+        model(input_ids=flat["input_ids"], position_ids=flat["position_ids"])
+    assert "find_packed_sequence_indices" in mode.seen
 
 
 # ------------------------------------------------------------------------------------------------ compiled layers
@@ -502,3 +541,60 @@ def test_fused_lora_dropout_in_compiled_layers_recomputes_the_same_masks_under_c
     assert loss_ckpt == pytest.approx(loss_stored, rel=1e-6)
     for name, a in grads_stored.items():
         assert ((a - grads_ckpt[name]).norm() / a.norm()).item() < 1e-4, name
+
+
+# `training.lm_head_grad_in_forward` (qlora_cli/lm_head.py): the loss head's input gradient taken in forward.
+def _heads(h, w, t, *, bias=None, temperature=1.0, logit_scale=1.0, outputs=("log_probs", "entropy", "is_top1")):
+    """TRL's chunked head and qlora's on the same inputs: (log-probs, entropy, top-1, d hidden) of each."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from qlora_cli.lm_head import LogProbHead
+
+    results = []
+    for head in (ChunkedLogProbFunction, LogProbHead):
+        x = h.detach().clone().requires_grad_()
+        logp, entropy, _, _, top1 = head.apply(x, w, bias, t, temperature, 32768, None, logit_scale, outputs)
+        (-logp.sum() / len(t)).backward()
+        results.append((logp.detach(), None if entropy is None else entropy.detach(), top1, x.grad))
+    return results
+
+
+@pytest.mark.parametrize("rows", [4096, 128])  # one tile, or three (the last one partial)
+def test_the_loss_head_with_its_gradient_in_forward_gives_trls_log_probs_entropy_accuracy_and_gradient(
+        rows: int, monkeypatch) -> None:
+    from qlora_cli import lm_head
+
+    monkeypatch.setattr(lm_head, "TILE_BYTES", rows * 3000 * 4)
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(300, 48, generator=g), torch.randn(3000, 48, generator=g) * 0.3
+    t = torch.randint(0, 3000, (300,), generator=g)
+    t[::3] = (h @ w.T).argmax(-1)[::3]  # a third of the tokens are the model's top-1
+    bias = torch.randn(3000, generator=g)
+    for kwargs in ({}, {"bias": bias, "temperature": 0.7, "logit_scale": 1.5}):
+        (logp, entropy, top1, dh), (q_logp, q_entropy, q_top1, q_dh) = _heads(h, w, t, **kwargs)
+        assert torch.allclose(q_logp, logp, atol=1e-4) and torch.allclose(q_entropy, entropy, atol=1e-4)  # fp32
+        assert torch.equal(q_top1, top1) and 20 <= int(top1.sum()) < 300
+        assert torch.allclose(q_dh, dh, atol=1e-7, rtol=1e-4)
+    assert lm_head.tile_rows(3000, 4) == rows
+
+
+def test_the_loss_head_refuses_an_entropy_gradient_and_leaves_heads_that_train_to_trl() -> None:
+    from trl.kernels import ChunkedLogProbFunction
+
+    from qlora_cli.lm_head import LogProbHead, TrlHeadOrOurs, gradient_in_forward
+
+    h, w, t = torch.randn(20, 8, requires_grad=True), torch.randn(50, 8), torch.randint(0, 50, (20,))
+    logp, entropy, *_ = LogProbHead.apply(h, w, None, t, 1.0, 32768, None, 1.0, ("log_probs", "entropy"))
+    with pytest.raises(RuntimeError, match="lm_head_grad_in_forward: false"):
+        (logp.sum() + entropy.sum()).backward()
+    with gradient_in_forward(True) as on:
+        import trl.trainer.utils as trl_utils
+
+        assert on and trl_utils._ChunkedLogProbFunction is TrlHeadOrOurs
+        trained = w.clone().requires_grad_()  # a head that trains gets its gradient from TRL's function
+        logp, *_ = TrlHeadOrOurs.apply(h, trained, None, t, 1.0, 32768)
+        logp.sum().backward()
+        assert trained.grad is not None and logp.grad_fn.name() == "ChunkedLogProbFunctionBackward"
+    assert trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
+    with gradient_in_forward(False) as on:
+        assert not on and trl_utils._ChunkedLogProbFunction is ChunkedLogProbFunction
