@@ -149,9 +149,10 @@ class LogProbHead(torch.autograd.Function):
                 tile.add_(b)
             part = (logp[start:end], None if entropy is None else entropy[start:end],
                     None if top1 is None else top1[start:end])
-            if _use_triton(device):
-                _probs_kernel[(n,)](tile, tile.stride(0), t, *part, vocab, scale, HAS_ENTROPY=entropy is not None,
-                                    HAS_TOP1=top1 is not None, BLOCK=2048, num_warps=8)
+            if _use_triton(device):  # outputs not asked for get the log-probabilities' pointer, never written
+                _probs_kernel[(n,)](tile, tile.stride(0), t, *(part[0] if x is None else x for x in part), vocab,
+                                    scale, HAS_ENTROPY=entropy is not None, HAS_TOP1=top1 is not None, BLOCK=2048,
+                                    num_warps=8)
             else:
                 _probs_torch(tile, t, scale, *part)
             if want_grad:

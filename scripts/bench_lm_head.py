@@ -53,6 +53,14 @@ def inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: str, see
     return h, w, t
 
 
+def _with_tile_bytes(module, size: int, head, *args):
+    size, module.TILE_BYTES = module.TILE_BYTES, size
+    try:
+        return head(*args)
+    finally:
+        module.TILE_BYTES = size
+
+
 def run(head, h, w, t, grad: torch.Tensor):
     h.grad = None
     logp, entropy, _, _, top1 = head(h, w, t)
@@ -64,9 +72,17 @@ def check(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: str) -> f
     """Largest relative difference between the heads' log-probabilities, entropies and input gradients."""
     found = heads()
     h, w, t = inputs(n, hidden, vocab, dtype, device)
+    with torch.no_grad():  # a third of the targets are the top-1 token, so that the top-1 flags are tested
+        top = torch.cat([(h[i:i + 1024] @ w.T).argmax(-1) for i in range(0, n, 1024)])
+    t[::3] = top[::3]
     grad = -torch.ones(n, device=device) / n
     ref = [x.detach().clone() for x in run(found["trl"], h, w, t, grad)]
     worst = 0.0
+    if "qlora" in found:  # also in tiles of 128 tokens, the last one partial
+        from qlora_cli import lm_head
+
+        small = 128 * vocab * w.element_size()
+        found["qlora-128"] = lambda *args: _with_tile_bytes(lm_head, small, found["qlora"], *args)
     for name, head in found.items():
         if name == "trl":
             continue
@@ -74,7 +90,7 @@ def check(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: str) -> f
         for what, a, b in zip(("log-probs", "entropy", "top-1", "d hidden"), got, ref):
             if what == "top-1":
                 agree = (a == b).float().mean().item()
-                print(f"  {name}: top-1 agrees on {agree:.4f} of tokens")
+                print(f"  {name}: top-1 agrees on {agree:.4f} of tokens ({int(b.sum())} of {len(b)} are top-1)")
                 continue
             err = ((a.float() - b.float()).norm() / b.float().norm()).item()
             worst = max(worst, err)
@@ -120,15 +136,21 @@ def main() -> None:
         check(n, hidden, vocab, dtype, device)
     if a.check_only or not cuda:
         return
-    print(f"\n{'tokens':>6s} {'hidden':>6s} {'vocab':>7s} {'head':>6s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}")
+    print(f"\n{'tokens':>6s} {'hidden':>6s} {'vocab':>7s} {'head':>8s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}")
     for n, hidden, vocab in shapes:
         h, w, t = inputs(n, hidden, vocab, dtype, device)
         grad = -torch.ones(n, device=device) / n
-        for name, head in heads().items():
+        found = heads()
+        if "qlora" in found:  # tiles of 2 x TILE_BYTES: fewer, larger products for more memory
+            from qlora_cli import lm_head
+
+            found["qlora-2x"] = lambda *args: _with_tile_bytes(lm_head, 2 * lm_head.TILE_BYTES, heads()["qlora"],
+                                                               *args)
+        for name, head in found.items():
             args = (h, w, t)
             fwd = timed(lambda head=head, args=args: head(*args), a.steps, 2)  # as in training: h requires grad
             both = timed(lambda head=head, args=args, grad=grad: run(head, *args, grad), a.steps, 2)
-            print(f"{n:6d} {hidden:6d} {vocab:7d} {name:>6s} {fwd:8.2f} {both:10.2f}")
+            print(f"{n:6d} {hidden:6d} {vocab:7d} {name:>8s} {fwd:8.2f} {both:10.2f}")
             torch.cuda.empty_cache()
 
 

@@ -150,8 +150,11 @@ class Timer:
                     if torch.cuda.is_available():
                         torch.cuda.synchronize()
                     self.prof.__exit__(None, None, None)
-                    table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
-                                                           max_name_column_width=70)
+                    averages = self.prof.key_averages()
+                    table = averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+                    # and what the CPU spends its time on (launching, Python), for steps the CPU holds back
+                    table += "\n\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                       max_name_column_width=70)
                     timer.profile_to.write_text(table)
                     # the timeline, for where the GPU waits (scripts/gpu_gaps.py reads it); torch gzips a .gz path
                     trace = timer.profile_to.stem.replace("profile-", "trace-") + ".json.gz"

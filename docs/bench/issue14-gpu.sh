@@ -36,6 +36,10 @@
 #     # it (the other order from q), 50 timed steps
 #   bash docs/bench/issue14-gpu.sh t   # tenth session: Llama-3-8B and Mistral-7B qlora, two steps of each profiled
 #     # (logging every 10): where Llama's extra ~70 ms a step go; the LM head alone (scripts/bench_lm_head.py)
+#   bash docs/bench/issue14-gpu.sh u   # tenth session: the loss head alone, TRL's vs qlora's; Llama-3-8B baseline,
+#     # qlora, and qlora with TRL's loss head (training.lm_head_grad_in_forward=false)
+#   bash docs/bench/issue14-gpu.sh v   # tenth session: Mistral-7B baseline, qlora, qlora with TRL's loss head; then
+#     # Llama-3-8B qlora with two steps profiled (CPU and GPU tables, timeline, idle gaps: tarred)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -150,4 +154,14 @@ elif [ "$1" = t ]; then
     cp /tmp/prof-$shape/trace-qlora.json.gz "$OUT/trace-$shape.json.gz"
     rm -rf $W/ckpt-$shape
   done
+elif [ "$1" = u ]; then
+  python3 scripts/bench_lm_head.py 2>&1 | tee "$OUT/lm-head.txt"
+  log10 llama3-8b baseline,qlora,qlora-training.lm_head_grad_in_forward=false head
+elif [ "$1" = v ]; then
+  log10 mistral7b baseline,qlora,qlora-training.lm_head_grad_in_forward=false head
+  rm -rf $W/ckpt-mistral7b
+  python3 scripts/bench_train.py --shape llama3-8b --steps 16 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
+    --variants qlora --profile-dir /tmp/prof --out "$OUT/llama3-8b-profiled-h200.json" 2>&1 | tee "$OUT/llama3-8b-prof.log"
+  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora.json.gz > /tmp/prof/gaps-qlora.txt
+  tar -C /tmp/prof -czf "$OUT/prof-llama3-8b.tgz" .
 fi
