@@ -47,6 +47,18 @@ def test_sft_config_mirrors_the_recipe(tmp_path: Path) -> None:
     assert (args.gradient_accumulation_steps, args.max_length, args.packing) == (3, 64, True)
     assert args.bf16 and not args.fp16
     assert args.eval_on_start  # from training.sft_args
+    assert not args.accelerator_config.non_blocking and not args.dataloader_pin_memory  # nothing to pin on a CPU
+
+
+def test_on_a_gpu_batches_are_pinned_and_copied_to_the_device_without_waiting_for_it(tmp_path: Path) -> None:
+    """A blocking host-to-GPU copy waits for everything queued before it: the next batch would reach the GPU only
+    once the previous step had finished, and its collation would run with the GPU idle."""
+    recipe = demo_recipe(tmp_path)
+    gpu = Device("cuda", "NVIDIA H200", 143_771 * 2**20, True)
+    args = build_sft_config(recipe, RunDir(tmp_path / "run"), gpu, "fp32", True)
+    assert args.accelerator_config.non_blocking and args.dataloader_pin_memory
+    mine = demo_recipe(tmp_path, "training.sft_args={accelerator_config: {non_blocking: false}}")
+    assert not build_sft_config(mine, RunDir(tmp_path / "run"), gpu, "fp32", True).accelerator_config.non_blocking
 
 
 def test_training_lowers_loss_and_saves_a_safetensors_adapter(trained_run) -> None:

@@ -40,6 +40,8 @@
 #     # qlora, and qlora with TRL's loss head (training.lm_head_grad_in_forward=false)
 #   bash docs/bench/issue14-gpu.sh v   # tenth session: Mistral-7B baseline, qlora, qlora with TRL's loss head; then
 #     # Llama-3-8B qlora with two steps profiled (CPU and GPU tables, timeline, idle gaps: tarred)
+#   bash docs/bench/issue14-gpu.sh w   # tenth session, batches copied to the GPU without waiting: Llama-3-8B baseline
+#     # and qlora; then Mistral-7B qlora alone (against mode v's run)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -164,4 +166,8 @@ elif [ "$1" = v ]; then
     --variants qlora --profile-dir /tmp/prof --out "$OUT/llama3-8b-profiled-h200.json" 2>&1 | tee "$OUT/llama3-8b-prof.log"
   python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora.json.gz > /tmp/prof/gaps-qlora.txt
   tar -C /tmp/prof -czf "$OUT/prof-llama3-8b.tgz" .
+elif [ "$1" = w ]; then
+  log10 llama3-8b baseline,qlora nonblocking
+  rm -rf $W/ckpt-llama3-8b
+  log10 mistral7b qlora nonblocking
 fi
