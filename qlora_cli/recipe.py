@@ -189,8 +189,10 @@ class TrainingConfig:
     lm_head_grad_in_forward: bool = _f(
         True, help="Take the loss head's gradient with respect to the hidden states in forward, while each tile of "
         "logits is at hand (qlora_cli/lm_head.py): two vocabulary-sized matrix products a step instead of TRL's "
-        "three, the same log-probabilities, entropy and accuracy; false = TRL's chunked head. Only the "
-        "log-probabilities get a gradient; heads that train or soft-cap their logits always use TRL's.",
+        "three, the same log-probabilities, entropy and accuracy; false = TRL's chunked head. 26.6 instead of "
+        "38.9 ms a 4 x 2048 micro-batch on Llama-3-8B's 128k vocabulary, 6.5 instead of 9.6 on Mistral-7B's 32k "
+        "(H200), +1 to +2 % tokens/s in training (docs/performance.md, tenth session). Only the log-probabilities "
+        "get a gradient; heads that train or soft-cap their logits always use TRL's.",
     )
     allow_cpu: bool = _f(False, help="Train on the CPU when no CUDA GPU is visible (tiny models and tests only).")
     sft_args: dict[str, Any] = _f(

@@ -392,10 +392,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--profile-dir", default=None, help="write a torch profiler table and timeline "
                    "(trace-*.json.gz, for scripts/gpu_gaps.py) of two steps per variant here (left out of the timing)")
+    p.add_argument("--report", type=Path, default=None, help="print the table of a saved --out file and stop")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.report:
+        print_report(json.loads(a.report.read_text()))
+        return
     a.workdir.mkdir(parents=True, exist_ok=True)
     if a.child:
         child(a)
@@ -429,25 +433,46 @@ def main() -> None:
         results.append(result)
         print(f"{variant}: {result['tokens_per_s']:.0f} tok/s", flush=True)
 
+    report = {"shape": a.shape, "micro_batch": a.micro_batch, "seq_len": a.seq_len, "steps": a.steps,
+              "warmup": a.warmup, "device": device_name(a.device), "versions": versions(), "results": results}
+    print_report(report)
+    if a.out:
+        a.out.write_text(json.dumps(report, indent=2))
+
+
+def last_step_s(r: dict) -> float | None:
+    """Seconds a step over the last logged interval: the baseline is still getting faster 10-20 steps after the
+    warm-up (2.60 -> 2.32 -> 2.09 -> 2.14 -> 2.08 s in a 50-step Llama-3-8B run), qlora's steps are flat."""
+    logged, seconds = r.get("logged_steps") or [], r.get("step_s") or []
+    return seconds[-1] / (logged[-1] - logged[-2]) if len(logged) >= 2 and seconds else None
+
+
+def print_report(report: dict) -> None:
+    """The table of one run (also of a saved --out file: `bench_train.py --report FILE`)."""
+    results = report["results"]
     base = next((r for r in results if r["variant"] == "baseline" and "error" not in r), None)
-    print(f"\nshape {a.shape}, micro-batch {a.micro_batch} x {a.seq_len} tokens, {a.steps} timed steps after "
-          f"{a.warmup} warm-up, device {device_name(a.device)}")
-    print(f"{'variant':<34}{'tok/s':>9}{'x base':>8}{'step s':>8}{'alloc GB':>10}{'resv GB':>9}{'x mem':>7}"
-          f"{'load s':>8}{'compiles':>9}{'late':>5}{'warm-up s':>10}{'steady*':>9}")
+    base_last = last_step_s(base) if base else None
+    print(f"\nshape {report['shape']}, micro-batch {report['micro_batch']} x {report['seq_len']} tokens, "
+          f"{report['steps']} timed steps after {report['warmup']} warm-up, device {report['device']}")
+    print(f"{'variant':<34}{'tok/s':>9}{'x base':>8}{'step s':>8}{'last s':>8}{'x last':>7}{'alloc GB':>10}"
+          f"{'resv GB':>9}{'x mem':>7}{'load s':>8}{'compiles':>9}{'late':>5}{'warm-up s':>10}{'steady*':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<34} FAILED")
             continue
         speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        last = last_step_s(r)
+        last_speed = base_last / last if base_last and last else float("nan")
         alloc, resv = r.get("peak_allocated_gb", 0.0), r.get("peak_reserved_gb", 0.0)
         mem = alloc / base["peak_allocated_gb"] if base and base.get("peak_allocated_gb") else float("nan")
         run = r.get("summary") or {}
-        print(f"{r['variant'][:33]:<34}{r['tokens_per_s']:>9.0f}{speed:>8.2f}{r['median_step_s']:>8.3f}{alloc:>10.2f}"
-              f"{resv:>9.2f}{mem:>7.2f}{r['load_s']:>8.1f}{run.get('compiles') or 0:>9}"
-              f"{r.get('compiles_after_warmup', 0):>5}{run.get('warmup_s') or 0:>10.1f}"
+        print(f"{r['variant'][:33]:<34}{r['tokens_per_s']:>9.0f}{speed:>8.2f}{r['median_step_s']:>8.3f}"
+              f"{last or float('nan'):>8.3f}{last_speed:>7.2f}{alloc:>10.2f}{resv:>9.2f}{mem:>7.2f}{r['load_s']:>8.1f}"
+              f"{run.get('compiles') or 0:>9}{r.get('compiles_after_warmup', 0):>5}{run.get('warmup_s') or 0:>10.1f}"
               f"{run.get('steady_tokens_per_s') or 0:>9.0f}")
-    print("compiles: graphs torch.compile compiled in the run; late: of them after the warm-up steps; warm-up s and "
-          "steady*: what `qlora train` itself reports (summary.json)")
+    print("last s, x last: seconds a step over the last logged interval and its ratio to the baseline's (the baseline "
+          "still speeds up after the warm-up); compiles: graphs torch.compile compiled in the run; late: of them after "
+          "the warm-up steps; warm-up s and steady*: what `qlora train` itself reports (summary.json)")
     print("\nfirst losses:")
     for r in results:
         if "error" not in r:
@@ -455,10 +480,6 @@ def main() -> None:
     for r in results:
         for note in r.get("notes", []):
             print(f"  {r['variant']}: {note}")
-    report = {"shape": a.shape, "micro_batch": a.micro_batch, "seq_len": a.seq_len, "steps": a.steps,
-              "warmup": a.warmup, "device": device_name(a.device), "versions": versions(), "results": results}
-    if a.out:
-        a.out.write_text(json.dumps(report, indent=2))
 
 
 def device_name(device: str) -> str:
