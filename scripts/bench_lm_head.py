@@ -98,23 +98,6 @@ def check(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: str) -> f
     return worst
 
 
-def timed(fn, steps: int, warmup: int) -> float:
-    """GPU milliseconds per call, the calls queued behind a GPU spin (the CPU's launching is not counted)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(10**9)
-    start.record()
-    for _ in range(steps):
-        fn()
-    end.record()
-    if start.query():
-        print("  (the GPU caught up with the CPU: these times include launching)")
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--check-only", action="store_true")
@@ -136,6 +119,8 @@ def main() -> None:
         check(n, hidden, vocab, dtype, device)
     if a.check_only or not cuda:
         return
+    from bench_lora_dropout import timed  # GPU ms per call, queued behind a GPU spin (imports Triton: CUDA only)
+
     print(f"\n{'tokens':>6s} {'hidden':>6s} {'vocab':>7s} {'head':>8s} {'fwd ms':>8s} {'fwd+bwd ms':>10s}")
     for n, hidden, vocab in shapes:
         h, w, t = inputs(n, hidden, vocab, dtype, device)
