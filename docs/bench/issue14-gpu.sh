@@ -42,6 +42,9 @@
 #     # Llama-3-8B qlora with two steps profiled (CPU and GPU tables, timeline, idle gaps: tarred)
 #   bash docs/bench/issue14-gpu.sh w   # tenth session, batches copied to the GPU without waiting: Llama-3-8B baseline
 #     # and qlora; then Mistral-7B qlora alone (against mode v's run)
+#   bash docs/bench/issue14-gpu.sh x   # not run yet: Llama-3-8B baseline vs qlora with 30 warm-up steps (the baseline
+#     # is still speeding up 10-30 steps in, docs/performance.md, tenth session), 30 timed; ~5 min
+#   bash docs/bench/issue14-gpu.sh y   # the same for Mistral-7B
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -170,4 +173,8 @@ elif [ "$1" = w ]; then
   log10 llama3-8b baseline,qlora nonblocking
   rm -rf $W/ckpt-llama3-8b
   log10 mistral7b qlora nonblocking
+elif [ "$1" = x ] || [ "$1" = y ]; then
+  shape=$([ "$1" = x ] && echo llama3-8b || echo mistral7b)
+  python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
+    --variants baseline,qlora --out "$OUT/$shape-warm30-h200.json" 2>&1 | tee "$OUT/$shape-warm30.log"
 fi
