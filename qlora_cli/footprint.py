@@ -66,9 +66,8 @@ PAGED_MIN_SIZE = 100_000
 
 # TRL 1.16's SFTTrainer computes the loss with a chunked LM head (trl.kernels.chunked_logprob): it never holds
 # the (tokens x vocabulary) logits, only one tile of 4,096 tokens x 32,768 vocabulary entries at a time.
-# qlora's head (qlora_cli/lm_head.py, training.lm_head_grad_in_forward) keeps tiles of the same 256 MiB (fewer
-# tokens x the whole vocabulary) and, per token, its gradient G in place of TRL's copy of the hidden states: the
-# same terms below, within 2 % for the tile.
+# qlora's head (qlora_cli/lm_head.py, training.lm_head_grad_in_forward) keeps tiles of about the same 256 MiB
+# (fewer tokens x the whole vocabulary) and, per token, its fp32 gradient G in place of TRL's bf16 hidden copy.
 HEAD_TILE_TOKENS = 4096
 HEAD_TILE_VOCAB = 32768
 
@@ -235,6 +234,7 @@ class RunSettings:
     optim: str = "paged_adamw_8bit"
     act_bytes: int = 2
     full_logits: bool = False
+    head_grad_in_forward: bool = False  # qlora's loss head (training.lm_head_grad_in_forward) instead of TRL's
     liger: bool = False  # Liger's RMSNorm, SwiGLU and RoPE kernels (training.use_liger_kernel)
     compiled: bool = False  # decoder layers compiled with torch.compile (training.compile_layers)
     flex: bool = False  # flex attention (packed rows on CUDA): no mask tensors, key/value heads not repeated
@@ -296,6 +296,7 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
         optim=t.optim,
         act_bytes=4 if t.precision == "fp32" else 2,
         full_logits=label_smoothing,
+        head_grad_in_forward=t.lm_head_grad_in_forward,
         liger=liger,
         compiled=compiled,
         flex=resolve_attention(recipe, gpu) == "flex_attention",
@@ -595,6 +596,18 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
                           f"{n:,} tokens × {arch.vocab:,} vocab × (bf16 logits + fp32 copy + log-softmax + gradient)"
                           f" = {b + 12} B", rough=True))
         notes.append("full logits: label smoothing needs them; without it TRL computes the loss in tiles")
+    elif s.head_grad_in_forward:
+        # qlora's head: per token the norm's input as below, the fp32 gradient G kept from forward, in backward its
+        # fp32 product with the incoming gradient and the bf16 copy returned, 44 B of statistics; one tile of
+        # logits (qlora_cli/lm_head.py sizes it) that becomes the probabilities.
+        from .lm_head import tile_rows
+
+        rows = min(n, tile_rows(arch.vocab, b))
+        norm = b * h + 4 if s.liger else 4 * h + 4
+        per_token = norm + 4 * h + 4 * h + b * h + 44
+        terms.append(Term("loss", "final norm + loss head (gradient in forward)", n * per_token + rows * arch.vocab * b,
+                          f"{n:,} tokens × {per_token:,} B (norm input, fp32 G, fp32 + bf16 gradient) + "
+                          f"{rows:,} × {arch.vocab:,} logit tile × {b} B"))
     else:
         # Per token: the final norm's saved input (fp32 copy, or Liger's bf16 one) and rms; the copy of the hidden
         # states at loss positions that the chunked head keeps; in backward its fp32 gradient accumulator and the

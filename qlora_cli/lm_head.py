@@ -11,10 +11,10 @@ about TILE_BYTES) becomes its probabilities p in place (one Triton kernel: two p
 
     G = d log p(target) / d hidden = scale * (W[target] - p @ W)        (scale = logit_scale / temperature)
 
-is stored per token; backward multiplies G by the incoming per-token gradient. The same quantities as TRL's
-function come out (log-probabilities, and the entropy and top-1 flags SFTTrainer logs), at the same precision
-(the probabilities in the compute dtype, their product with W summed in fp32 as TRL does), and G takes the place
-of the hidden-state copy TRL keeps for backward.
+is stored per token in fp32; backward multiplies G by the incoming per-token gradient. The same quantities as
+TRL's function come out (log-probabilities, and the entropy and top-1 flags SFTTrainer logs), at the same
+precision (the probabilities in the compute dtype, their product with W summed in fp32 and rounded once, as TRL
+does). G (4 bytes a hidden value) takes the place of the hidden-state copy TRL keeps for backward (2).
 
 Only the log-probabilities carry a gradient: SFTTrainer's losses (NLL, DFT) read nothing else, and a gradient
 arriving for the entropy raises instead of being dropped. Where the LM head or its bias trains, or the logits are
@@ -136,10 +136,10 @@ class LogProbHead(torch.autograd.Function):
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         want_grad = ctx.needs_input_grad[0]
-        grad = torch.empty((n_tokens, width), device=device, dtype=hidden.dtype) if want_grad else None
+        # fp32, like TRL's gradient accumulator: rounded once, when backward scales it
+        grad = torch.empty((n_tokens, width), device=device, dtype=torch.float32) if want_grad else None
         rows = max(1, min(n_tokens, tile_rows(vocab, w.element_size())))
         buf = torch.empty((rows, vocab), device=device, dtype=dtype)
-        acc = torch.empty((rows, width), device=device, dtype=torch.float32) if want_grad else None
         for start in range(0, n_tokens, rows):
             end = min(start + rows, n_tokens)
             n = end - start
@@ -156,11 +156,13 @@ class LogProbHead(torch.autograd.Function):
             else:
                 _probs_torch(tile, t, scale, *part)
             if want_grad:
-                a = acc[:n].zero_()
-                _add_product(a, tile, w)  # p @ W
-                torch.sub(w[t].float(), a, out=a)
-                grad[start:end] = a.mul_(scale) if scale != 1.0 else a
+                g = grad[start:end].zero_()
+                _add_product(g, tile, w)  # p @ W
+                torch.sub(w[t].float(), g, out=g)
+                if scale != 1.0:
+                    g.mul_(scale)
         ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(*(x for x in (top1,) if x is not None))
         return logp, entropy, None, None, top1
 
@@ -172,7 +174,7 @@ class LogProbHead(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad_logp is None:
             return (None,) * 9
-        dh = (grad * grad_logp.float().unsqueeze(-1)).to(grad.dtype)  # the per-token scaling in fp32
+        dh = (grad * grad_logp.float().unsqueeze(-1)).to(ctx.hidden_dtype)
         return (dh,) + (None,) * 8
 
 

@@ -151,6 +151,21 @@ def test_full_logits_cost_tokens_x_vocab_and_the_chunked_head_does_not(tmp_path:
     assert "label smoothing" in " ".join(full.notes)
 
 
+def test_qloras_loss_head_counts_its_fp32_gradient_where_trls_counts_a_hidden_copy(tmp_path: Path) -> None:
+    """`training.lm_head_grad_in_forward` (on by default) keeps each scored token's gradient in fp32 (4 bytes a
+    hidden value) where TRL's head keeps a bf16 copy of the hidden state (2), and a tile of the whole vocabulary
+    of about the size of TRL's 4,096 x 32,768 one."""
+    for name in (MISTRAL, LLAMA3):
+        ours = estimate_for_recipe(load_recipe(write_recipe(tmp_path, name)))
+        trl = estimate_for_recipe(load_recipe(write_recipe(tmp_path, name), ["training.lm_head_grad_in_forward=false"]))
+        assert ours.settings.head_grad_in_forward and not trl.settings.head_grad_in_forward
+        tokens = ours.settings.micro_batch * ours.settings.seq_len
+        extra = ours.term("loss").bytes - trl.term("loss").bytes
+        tile_difference = 0.03 * 4096 * 32768 * 2
+        assert abs(extra - tokens * 2 * ours.arch.hidden) < tile_difference, name
+        assert "gradient in forward" in ours.term("loss").name
+
+
 def test_the_peak_is_the_larger_of_the_loss_head_and_the_last_layers_backward() -> None:
     est = estimate(arch(LLAMA3), settings(seq_len=4096, micro_batch=2, lora_r=8, target_modules=("q_proj",),
                                          full_logits=True))
