@@ -596,28 +596,24 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
                           f"{n:,} tokens × {arch.vocab:,} vocab × (bf16 logits + fp32 copy + log-softmax + gradient)"
                           f" = {b + 12} B", rough=True))
         notes.append("full logits: label smoothing needs them; without it TRL computes the loss in tiles")
-    elif s.head_grad_in_forward:
-        # qlora's head: per token the norm's input as below, the fp32 gradient G kept from forward, in backward its
-        # fp32 product with the incoming gradient and the bf16 copy returned, 44 B of statistics; one tile of
-        # logits (qlora_cli/lm_head.py sizes it) that becomes the probabilities.
-        from .lm_head import tile_rows
-
-        rows = min(n, tile_rows(arch.vocab, b))
-        norm = b * h + 4 if s.liger else 4 * h + 4
-        per_token = norm + 4 * h + 4 * h + b * h + 44
-        terms.append(Term("loss", "final norm + loss head (gradient in forward)", n * per_token + rows * arch.vocab * b,
-                          f"{n:,} tokens × {per_token:,} B (norm input, fp32 G, fp32 + bf16 gradient) + "
-                          f"{rows:,} × {arch.vocab:,} logit tile × {b} B"))
     else:
-        # Per token: the final norm's saved input (fp32 copy, or Liger's bf16 one) and rms; the copy of the hidden
-        # states at loss positions that the chunked head keeps; in backward its fp32 gradient accumulator and the
-        # bf16 copy it returns; 44 B of per-token fp32 statistics (running max, sums, log-probs, entropy).
-        tile = min(n, HEAD_TILE_TOKENS) * min(arch.vocab, HEAD_TILE_VOCAB) * b
+        # Per token: the final norm's saved input (fp32 copy, or Liger's bf16 one) and rms; what the head keeps from
+        # forward (TRL's: a bf16 copy of the hidden states at loss positions; qlora's, training.lm_head_grad_in_forward:
+        # the fp32 gradient G); in backward an fp32 gradient and the bf16 copy returned; 44 B of per-token fp32
+        # statistics (running max, sums, log-probs, entropy). Plus one tile of logits: TRL's 4,096 x 32,768, or
+        # qlora's rows x the whole vocabulary (qlora_cli/lm_head.py sizes it).
         norm = b * h + 4 if s.liger else 4 * h + 4
-        per_token = norm + b * h + 4 * h + b * h + 44
-        terms.append(Term("loss", "final norm + loss head (TRL chunked)", n * per_token + tile,
-                          f"{n:,} tokens × {per_token:,} B (norm input, hidden copy, fp32 + bf16 gradient) + "
-                          f"{min(n, HEAD_TILE_TOKENS):,} × {min(arch.vocab, HEAD_TILE_VOCAB):,} logit tile × {b} B"))
+        if s.head_grad_in_forward:
+            from .lm_head import tile_rows
+
+            name, kept, per_token = "gradient in forward", "fp32 G", norm + 4 * h + 4 * h + b * h + 44
+            rows, cols = min(n, tile_rows(arch.vocab, b)), arch.vocab
+        else:
+            name, kept, per_token = "TRL chunked", "hidden copy", norm + b * h + 4 * h + b * h + 44
+            rows, cols = min(n, HEAD_TILE_TOKENS), min(arch.vocab, HEAD_TILE_VOCAB)
+        terms.append(Term("loss", f"final norm + loss head ({name})", n * per_token + rows * cols * b,
+                          f"{n:,} tokens × {per_token:,} B (norm input, {kept}, fp32 + bf16 gradient) + "
+                          f"{rows:,} × {cols:,} logit tile × {b} B"))
 
     # Which moment is the peak: the loss head, or the backward of the last layer? Gradients count at the loss
     # head only when they are kept across accumulation steps.

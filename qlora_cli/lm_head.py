@@ -106,14 +106,6 @@ def _use_triton(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`acc += a @ b` for an fp32 `acc`, the product summed in fp32 (as TRL does) without an fp32 copy of a or b."""
-    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
 class LogProbHead(torch.autograd.Function):
     """Per-token log-probabilities of `hidden @ weight.T (+ bias)` under `scale = logit_scale / temperature`, with
     the entropy and top-1 flags on request; arguments and outputs as `trl.kernels.ChunkedLogProbFunction`'s
@@ -124,6 +116,8 @@ class LogProbHead(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 temperature: float, chunk_size: int, softcap: float | None = None, logit_scale: float = 1.0,
                 outputs: tuple[str, ...] = ("log_probs",)):
+        from trl.kernels.chunked_logprob import _addmm_fp32
+
         ctx.set_materialize_grads(False)
         device = hidden.device
         n_tokens, width = hidden.shape
@@ -157,13 +151,14 @@ class LogProbHead(torch.autograd.Function):
                 _probs_torch(tile, t, scale, *part)
             if want_grad:
                 g = grad[start:end].zero_()
-                _add_product(g, tile, w)  # p @ W
+                _addmm_fp32(g, tile, w)  # p @ W, summed in fp32 (TRL's helper; bf16 inputs on torch >= 2.8)
                 torch.sub(w[t].float(), g, out=g)
                 if scale != 1.0:
                     g.mul_(scale)
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
-        ctx.mark_non_differentiable(*(x for x in (top1,) if x is not None))
+        if top1 is not None:
+            ctx.mark_non_differentiable(top1)
         return logp, entropy, None, None, top1
 
     @staticmethod
@@ -182,15 +177,15 @@ class TrlHeadOrOurs:
     """Stands in for `trl.kernels.ChunkedLogProbFunction` in TRL's fused LM head: `LogProbHead` where it computes
     the same thing, TRL's function where it does not (a head or bias that trains, soft-capped logits)."""
 
-    trl_function = None
-
-    @classmethod
-    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
               outputs=("log_probs",)):
+        from trl.kernels import ChunkedLogProbFunction
+
         trains_head = weight.requires_grad or (bias is not None and bias.requires_grad)
         if trains_head or softcap is not None:
-            return cls.trl_function.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap,
-                                          logit_scale, outputs)
+            return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap,
+                                                logit_scale, outputs)
         return LogProbHead.apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale,
                                  outputs)
 
@@ -207,7 +202,6 @@ def gradient_in_forward(enabled: bool) -> Iterator[bool]:
     if not enabled or original is None:
         yield False
         return
-    TrlHeadOrOurs.trl_function = original
     trl_utils._ChunkedLogProbFunction = TrlHeadOrOurs
     try:
         yield True

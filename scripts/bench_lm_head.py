@@ -129,8 +129,8 @@ def main() -> None:
         if "qlora" in found:  # tiles of 2 x TILE_BYTES: fewer, larger products for more memory
             from qlora_cli import lm_head
 
-            found["qlora-2x"] = lambda *args: _with_tile_bytes(lm_head, 2 * lm_head.TILE_BYTES, heads()["qlora"],
-                                                               *args)
+            found["qlora-2x"] = lambda *args, ours=found["qlora"]: _with_tile_bytes(lm_head, 2 * lm_head.TILE_BYTES,
+                                                                                    ours, *args)
         for name, head in found.items():
             args = (h, w, t)
             fwd = timed(lambda head=head, args=args: head(*args), a.steps, 2)  # as in training: h requires grad
