@@ -13,6 +13,9 @@ restores the generator before it recomputes a layer, so the recompute draws the 
 peft's dropout. The masks are as random as peft's (each element kept with probability 1 - p, independently per
 projection; on CUDA p is rounded to 1/65536, 16-bit draws) but not the same ones, so a run differs from a
 peft-dropout run by its random draws only.
+
+`dropout_matmul` below is the PyTorch version, for any device; on CUDA in 16 bits `FusedDropoutLinear` calls the
+Triton version, `qlora_cli.triton_lora.dropout_matmul`, which has the same arguments and mask contract.
 """
 
 from __future__ import annotations
@@ -63,11 +66,6 @@ def keep_mask(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
 @torch.library.custom_op("qlora::dropout_matmul", mutates_args=())
 def dropout_matmul(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """dropout(x, p) @ weight.T for a 2-D x (M × K) and weight (R × K), the mask drawn from `seed`."""
-    x = x.contiguous()
-    if _use_triton(x):
-        from qlora_cli import triton_lora
-
-        return triton_lora.forward(x, weight.contiguous(), seed, p)
     return (x * keep_mask(x, seed, p) / (1 - p)).to(x.dtype) @ weight.T
 
 
@@ -80,11 +78,6 @@ def _(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> to
 def dropout_matmul_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
                             p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight) of `dropout_matmul`, with the mask drawn again from `seed`."""
-    x, grad = x.contiguous(), grad.contiguous()
-    if _use_triton(x):
-        from qlora_cli import triton_lora
-
-        return triton_lora.backward(grad, x, weight.contiguous(), seed, p)
     keep = keep_mask(x, seed, p)
     dropped = (x * keep / (1 - p)).to(x.dtype)
     return ((grad @ weight) * keep / (1 - p)).to(x.dtype), (grad.T @ dropped).to(weight.dtype)
@@ -121,7 +114,11 @@ class FusedDropoutLinear(nn.Linear):
         if not self.training or self.p == 0 or self.bias is not None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)  # a custom op is not autocast: peft's cast
-        return dropout_matmul(flat, self.weight, draw_seed(x.device), self.p).reshape(*x.shape[:-1], self.out_features)
+        if _use_triton(flat):
+            from qlora_cli.triton_lora import dropout_matmul as op
+        else:
+            op = dropout_matmul
+        return op(flat, self.weight, draw_seed(x.device), self.p).reshape(*x.shape[:-1], self.out_features)
 
 
 def use_fused_lora_dropout(model: nn.Module) -> int:

@@ -6,34 +6,34 @@ each: an input is kept when its 16-bit draw is at least `threshold(p)` = round(p
 probability is p rounded to 1/65536 (`effective_p`). Every kernel computes a tile's mask with `_keep`, whose
 mapping from (row, column) to (Philox counter, 16-bit lane) depends on neither the tile size nor the kernel, so
 backward regenerates exactly the forward's mask (one call per 8 inputs, where `tl.rand` makes one per input).
-Tile sizes, warps and pipeline stages are picked per kernel and input shape by timing a few candidates on the GPU
-at the first call (`_launch`); the mask does not depend on them. Imported only on CUDA (and by
-`scripts/bench_lora_dropout.py`, which runs the kernels in Triton's CPU interpreter too): CPU torch has no triton.
+Tile sizes, warps and pipeline stages are picked per kernel, input width and rank by timing a few candidates on
+the GPU at the first call (`triton.autotune`); the mask does not depend on them.
+
+The op training calls, `dropout_matmul`, is a `torch.library.triton_op`: inside the compiled layers inductor sees
+its kernels and launches them from its own generated code, as it launches the layer's other kernels (a Python custom
+op cost ~0.2 ms of CPU a call there, seven calls a layer, and the CPU was what held the GPU back). Imported only on
+CUDA (and by `scripts/bench_lora_dropout.py`, which runs the kernels in Triton's CPU interpreter too): CPU torch has
+no triton.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 import triton
 import triton.language as tl
-import triton.testing
+from torch.library import triton_op, wrap_triton
 
 TILES: tuple[int, int] | None = None
 """(rows, columns) of x for every kernel's tile instead of the tuned choice (tests, Triton's CPU interpreter)."""
 
-# Candidates, timed at the first call for each (kernel, rows rounded up to a power of two, columns, rank, dtype):
-# (rows, columns, warps, stages) of a tile; the weight-gradient kernel also sums over a number of rows per program.
+# Candidates, timed at the first call for each (kernel, columns, rank, dtype): (rows, columns, warps, stages) of a
+# tile.
 FORWARD = [(16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3),
            (64, 128, 8, 4), (64, 256, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 GRAD_INPUT = [(32, 128, 4, 2), (32, 256, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (64, 256, 8, 2), (128, 64, 4, 2),
               (128, 128, 8, 2), (128, 256, 8, 2)]
-GRAD_WEIGHT = [(32, 64, 256, 4, 3), (32, 128, 256, 4, 3), (64, 64, 512, 4, 3), (64, 128, 512, 4, 3),
-               (64, 128, 1024, 8, 3), (64, 256, 1024, 8, 3), (128, 64, 1024, 8, 3), (128, 128, 2048, 8, 3)]
-_chosen: dict[tuple, tuple] = {}
-T = TypeVar("T")
+GRAD_WEIGHT = [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (64, 256, 8, 3),
+               (128, 64, 8, 3), (128, 128, 8, 3)]
 
 
 @triton.jit
@@ -127,33 +127,40 @@ def effective_p(p: float) -> float:
     return threshold(p) / 65536
 
 
-def _launch(kernel: str, shape: tuple, candidates: list[tuple], run: Callable[[tuple], T]) -> T:
-    """run(config) with the fastest of `candidates` for this kernel and shape, timed once per shape on the GPU;
-    with `TILES` set, a config of the candidates' form with those tiles, 4 warps and 2 stages (and, for the
-    weight gradient, 4 tiles of rows per program) instead."""
-    if TILES is not None:
-        bm, bk = TILES
-        assert bk % 8 == 0 and min(bm, bk) >= 16, TILES  # whole groups of 8 columns; tl.dot's minimum
-        return run((bm, bk, 4 * bm, 4, 2) if len(candidates[0]) == 5 else (bm, bk, 4, 2))
-    m, *rest = shape
-    key = (kernel, triton.next_power_of_2(m), *rest)
-    if key not in _chosen:
-        times = [triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates]
-        _chosen[key] = candidates[times.index(min(times))]
-    return run(_chosen[key])
+def _configs(candidates: list[tuple]) -> list[triton.Config]:
+    return [triton.Config({"BM": bm, "BK": bk}, num_warps=warps, num_stages=stages)
+            for bm, bk, warps, stages in candidates]
+
+
+# The kernels as launched: Triton times the candidates at the first call for each input width, rank and dtype
+# (inside compiled layers, inductor does the same when it first runs its graph). `TILES` bypasses them.
+_forward_tuned = triton.autotune(_configs(FORWARD), key=["K", "R"])(_forward)
+_grad_input_tuned = triton.autotune(_configs(GRAD_INPUT), key=["K", "R"])(_grad_input)
+_grad_weight_tuned = triton.autotune(_configs(GRAD_WEIGHT), key=["K", "R"])(_grad_weight)
+TUNED = {"forward": _forward_tuned, "grad_input": _grad_input_tuned, "grad_weight": _grad_weight_tuned}
+
+
+def _kernel(tuned, plain) -> tuple:
+    """(kernel, extra launch arguments): the autotuned kernel, or the plain one with `TILES` and 4 warps."""
+    if TILES is None:
+        return wrap_triton(tuned), {}
+    bm, bk = TILES
+    assert bk % 8 == 0 and min(bm, bk) >= 16, TILES  # whole groups of 8 columns; tl.dot's minimum
+    return wrap_triton(plain), {"BM": bm, "BK": bk, "num_warps": 4, "num_stages": 2}
+
+
+def rows_per_program(m: int) -> int:
+    """Rows of x each weight-gradient program sums over (a multiple of every candidate's BM)."""
+    return 4 * TILES[0] if TILES is not None else min(2048, max(256, triton.next_power_of_2(m) // 16))
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """dropout(x, p) @ weight.T for a contiguous 2-D x (M × K) and weight (R × K)."""
     (m, k), r = x.shape, weight.shape[0]
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
-
-    def run(c: tuple) -> None:
-        bm, bk, warps, stages = c
-        _forward[(triton.cdiv(m, bm),)](x, weight, h, seed, threshold(p), 1.0 / (1.0 - effective_p(p)), m, k, r,
-                                        RP=_rank_block(r), BM=bm, BK=bk, num_warps=warps, num_stages=stages)
-
-    _launch("forward", (m, k, r, x.dtype), FORWARD, run)
+    kernel, extra = _kernel(_forward_tuned, _forward)
+    kernel[lambda meta: (triton.cdiv(m, meta["BM"]),)](
+        x, weight, h, seed, threshold(p), 1.0 / (1.0 - effective_p(p)), m, k, r, RP=_rank_block(r), **extra)
     return h
 
 
@@ -163,21 +170,44 @@ def backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torc
     (m, k), r = x.shape, weight.shape[0]
     cut, scale, rp = threshold(p), 1.0 / (1.0 - effective_p(p)), _rank_block(r)
     dx = torch.empty_like(x)
+    kernel, extra = _kernel(_grad_input_tuned, _grad_input)
+    kernel[lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(k, meta["BK"]))](
+        dh, weight, dx, seed, cut, scale, m, k, r, RP=rp, **extra)
+    rows = rows_per_program(m)  # partial sums of dweight, one per `rows` rows of x, added up in fp32
+    parts = torch.empty(triton.cdiv(m, rows), r, k, dtype=torch.float32, device=x.device)
+    kernel, extra = _kernel(_grad_weight_tuned, _grad_weight)
+    kernel[lambda meta: (triton.cdiv(k, meta["BK"]), parts.shape[0])](
+        x, dh, parts, seed, cut, scale, m, k, r, rows, RP=rp, **extra)
+    return dx, parts.sum(0).to(weight.dtype)
 
-    def run_dx(c: tuple) -> None:
-        bm, bk, warps, stages = c
-        _grad_input[(triton.cdiv(m, bm), triton.cdiv(k, bk))](dh, weight, dx, seed, cut, scale, m, k, r, RP=rp,
-                                                              BM=bm, BK=bk, num_warps=warps, num_stages=stages)
 
-    def run_dw(c: tuple) -> torch.Tensor:  # partial sums of dweight, one per `rows` rows of x
-        bm, bk, rows, warps, stages = c
-        parts = torch.empty(triton.cdiv(m, rows), r, k, dtype=torch.float32, device=x.device)
-        _grad_weight[(triton.cdiv(k, bk), parts.shape[0])](x, dh, parts, seed, cut, scale, m, k, r, rows, RP=rp,
-                                                           BM=bm, BK=bk, num_warps=warps, num_stages=stages)
-        return parts
+@triton_op("qlora::dropout_matmul_cuda", mutates_args=())
+def dropout_matmul(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """`qlora::dropout_matmul` on CUDA: the same product and mask contract, but a triton_op, so that the compiled
+    layers launch its kernels from inductor's own code instead of through a Python custom op at each call."""
+    return forward(x.contiguous(), weight.contiguous(), seed, p)
 
-    _launch("grad_input", (m, k, r, x.dtype), GRAD_INPUT, run_dx)
-    return dx, _launch("grad_weight", (m, k, r, x.dtype), GRAD_WEIGHT, run_dw).sum(0).to(weight.dtype)
+
+@triton_op("qlora::dropout_matmul_cuda_backward", mutates_args=())
+def dropout_matmul_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
+                            p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) of `dropout_matmul`, with the mask drawn again from `seed`."""
+    return backward(grad.contiguous(), x.contiguous(), weight.contiguous(), seed, p)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, seed, p = inputs
+    ctx.save_for_backward(x, weight, seed)
+    ctx.p = p
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, weight, seed = ctx.saved_tensors
+    dx, dweight = dropout_matmul_backward(grad, x, weight, seed, ctx.p)
+    return dx, dweight, None, None
+
+
+dropout_matmul.register_autograd(_backward, setup_context=_setup_context)
 
 
 def keep_mask(seed: torch.Tensor, p: float, m: int, k: int, device: torch.device | str) -> torch.Tensor:

@@ -31,27 +31,40 @@ if "--interpret" in sys.argv:  # before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qlora_cli import triton_lora  # noqa: E402
-from qlora_cli.lora_dropout import dropout_matmul  # noqa: E402
+from qlora_cli.triton_lora import dropout_matmul  # noqa: E402
+
+
+def op_and_grads(op, x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float,
+                 dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, dx, dA) of op(x, a, seed, p) through autograd, for the gradient dh of h."""
+    x, a = x.detach().requires_grad_(), a.detach().requires_grad_()
+    h = op(x, a, seed, p)
+    h.backward(dh)
+    return h.detach(), x.grad, a.grad
 
 
 def check(m: int, k: int, r: int, p: float, dtype: torch.dtype, device: str) -> float:
-    """Largest relative error of the kernels' h, dx, dA against fp32 PyTorch under the kernels' own mask."""
+    """Largest relative error of the op's h, dx, dA (through autograd, eager and, on a GPU, compiled as the layers
+    compile it) against fp32 PyTorch under the kernels' own mask."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(m, k, generator=g, device=device, dtype=dtype)
     a = torch.randn(r, k, generator=g, device=device, dtype=dtype) / k**0.5
     dh = torch.randn(m, r, generator=g, device=device, dtype=dtype)
     seed = torch.tensor([1234], device=device)
-    h = triton_lora.forward(x, a, seed, p)
-    dx, da = triton_lora.backward(dh, x, a, seed, p)
     keep = triton_lora.keep_mask(seed, p, m, k, device)
     xf, af = x.float().requires_grad_(), a.float().requires_grad_()
     ref = (xf * keep / (1 - triton_lora.effective_p(p))) @ af.T
     ref.backward(dh.float())
+    variants = {"eager": dropout_matmul}
+    if device == "cuda":  # inductor launches the kernels itself (triton_op)
+        variants["compiled"] = torch.compile(lambda x, a, seed, p: dropout_matmul(x, a, seed, p), fullgraph=True)
     worst = 0.0
-    for name, got, want in (("h", h, ref), ("dx", dx, xf.grad), ("dA", da, af.grad)):
-        err = ((got.float() - want).norm() / want.norm()).item()
-        worst = max(worst, err)
-        print(f"  {name:3s} relative error {err:.2e}")
+    for variant, op in variants.items():
+        h, dx, da = op_and_grads(op, x, a, seed, p, dh)
+        for name, got, want in (("h", h, ref), ("dx", dx, xf.grad), ("dA", da, af.grad)):
+            err = ((got.float() - want).norm() / want.norm()).item()
+            worst = max(worst, err)
+            print(f"  {variant:8s} {name:3s} relative error {err:.2e}")
     print(f"  kept {keep.float().mean().item():.4f} of the inputs (1 - p = {1 - p:.4f})")
     tiles, triton_lora.TILES = triton_lora.TILES, (16, 128)
     same = torch.equal(triton_lora.keep_mask(seed, p, m, k, device), keep)
@@ -166,9 +179,10 @@ def main() -> None:
     print("the A product's kernels alone (ms): cuBLAS without dropout vs the fused kernel")
     for k, part, plain_ms, fused_ms in kernels:
         print(f"{k:>11}  {part:16s} {plain_ms:8.3f} {fused_ms:8.3f}")
-    print("tuned (rows, columns, [rows per program,] warps, stages):")
-    for key, config in sorted(triton_lora._chosen.items(), key=str):
-        print(f"  {key} -> {config}")
+    print("tuned tiles (eager calls; key: input width, rank, dtypes):")
+    for name, kernel in triton_lora.TUNED.items():
+        for key, config in sorted(kernel.cache.items(), key=str):
+            print(f"  {name:12s} {key} -> {config}")
 
 
 if __name__ == "__main__":

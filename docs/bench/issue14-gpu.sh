@@ -45,6 +45,10 @@
 #   bash docs/bench/issue14-gpu.sh x   # not run yet: Llama-3-8B baseline vs qlora with 30 warm-up steps (the baseline
 #     # is still speeding up 10-30 steps in, docs/performance.md, tenth session), 30 timed; ~5 min
 #   bash docs/bench/issue14-gpu.sh y   # the same for Mistral-7B
+#   bash docs/bench/issue14-gpu.sh z   # eleventh session: the LoRA-dropout op as a triton_op (inductor launches its
+#     # kernels): kernel check eager and compiled; Llama-3-8B qlora at commit e22b629 (in bench-old/:
+#     # git archive e22b629 qlora_cli scripts recipes | tar -x -C bench-old) and now, logging every 10
+#   bash docs/bench/issue14-gpu.sh aa  # eleventh session: Llama-3-8B qlora, two steps profiled (tarred, as in mode v)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -173,6 +177,16 @@ elif [ "$1" = w ]; then
   log10 llama3-8b baseline,qlora nonblocking
   rm -rf $W/ckpt-llama3-8b
   log10 mistral7b qlora nonblocking
+elif [ "$1" = z ]; then
+  need_old
+  python3 scripts/bench_lora_dropout.py --check 2>&1 | tee "$OUT/lora-dropout.txt"
+  log10 llama3-8b qlora e22b629 bench-old
+  log10 llama3-8b qlora tritonop
+elif [ "$1" = aa ]; then
+  python3 scripts/bench_train.py --shape llama3-8b --steps 16 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
+    --variants qlora --profile-dir /tmp/prof --out "$OUT/llama3-8b-profiled-h200.json" 2>&1 | tee "$OUT/llama3-8b-prof.log"
+  python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora.json.gz > /tmp/prof/gaps-qlora.txt
+  tar -C /tmp/prof -czf "$OUT/prof-llama3-8b.tgz" .
 elif [ "$1" = x ] || [ "$1" = y ]; then
   shape=$([ "$1" = x ] && echo llama3-8b || echo mistral7b)
   python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
