@@ -431,7 +431,8 @@ def main() -> None:
         # what unsloth says it changed (optimizer, packing, attention) belongs next to its figures
         result["notes"] = [ln.strip() for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Unsloth")]
         results.append(result)
-        print(f"{variant}: {result['tokens_per_s']:.0f} tok/s", flush=True)
+        rate = result.get("tokens_per_s")  # None when no logged interval fell after the warm-up (short profiled runs)
+        print(f"{variant}: " + (f"{rate:.0f} tok/s" if rate is not None else "no timed interval"), flush=True)
 
     report = {"shape": a.shape, "micro_batch": a.micro_batch, "seq_len": a.seq_len, "steps": a.steps,
               "warmup": a.warmup, "device": device_name(a.device), "versions": versions(), "results": results}
@@ -460,13 +461,14 @@ def print_report(report: dict) -> None:
         if "error" in r:
             print(f"{r['variant']:<34} FAILED")
             continue
-        speed = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        rate, median = r.get("tokens_per_s") or float("nan"), r.get("median_step_s") or float("nan")
+        speed = rate / base["tokens_per_s"] if base and base.get("tokens_per_s") else float("nan")
         last = last_step_s(r)
         last_speed = base_last / last if base_last and last else float("nan")
         alloc, resv = r.get("peak_allocated_gb", 0.0), r.get("peak_reserved_gb", 0.0)
         mem = alloc / base["peak_allocated_gb"] if base and base.get("peak_allocated_gb") else float("nan")
         run = r.get("summary") or {}
-        print(f"{r['variant'][:33]:<34}{r['tokens_per_s']:>9.0f}{speed:>8.2f}{r['median_step_s']:>8.3f}"
+        print(f"{r['variant'][:33]:<34}{rate:>9.0f}{speed:>8.2f}{median:>8.3f}"
               f"{last or float('nan'):>8.3f}{last_speed:>7.2f}{alloc:>10.2f}{resv:>9.2f}{mem:>7.2f}{r['load_s']:>8.1f}"
               f"{run.get('compiles') or 0:>9}{r.get('compiles_after_warmup', 0):>5}{run.get('warmup_s') or 0:>10.1f}"
               f"{run.get('steady_tokens_per_s') or 0:>9.0f}")

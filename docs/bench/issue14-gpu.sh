@@ -48,7 +48,9 @@
 #   bash docs/bench/issue14-gpu.sh z   # eleventh session: the LoRA-dropout op as a triton_op (inductor launches its
 #     # kernels): kernel check eager and compiled; Llama-3-8B qlora at commit e22b629 (in bench-old/:
 #     # git archive e22b629 qlora_cli scripts recipes | tar -x -C bench-old) and now, logging every 10
+#     # (the same call ran the first version of scripts/bench_dropout_masks.py: lora-dropout-masks-h200.txt)
 #   bash docs/bench/issue14-gpu.sh aa  # eleventh session: Llama-3-8B qlora, two steps profiled (tarred, as in mode v)
+#   bash docs/bench/issue14-gpu.sh ab  # what drawing the dropout masks costs the fused kernels (no wheels needed)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -182,6 +184,8 @@ elif [ "$1" = z ]; then
   python3 scripts/bench_lora_dropout.py --check 2>&1 | tee "$OUT/lora-dropout.txt"
   log10 llama3-8b qlora e22b629 bench-old
   log10 llama3-8b qlora tritonop
+elif [ "$1" = ab ]; then
+  python3 scripts/bench_dropout_masks.py 2>&1 | tee "$OUT/masks.txt"
 elif [ "$1" = aa ]; then
   python3 scripts/bench_train.py --shape llama3-8b --steps 16 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
     --variants qlora --profile-dir /tmp/prof --out "$OUT/llama3-8b-profiled-h200.json" 2>&1 | tee "$OUT/llama3-8b-prof.log"
