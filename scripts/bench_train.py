@@ -27,6 +27,7 @@ Variants (`--variants`, comma-separated):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -115,16 +116,35 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+FULL_GC = {"count": 0, "s": 0.0, "start": 0.0}
+"""Python's full (generation 2) garbage collections in this process so far: with the millions of objects a
+compiled model leaves, one can stop the CPU for a few hundred ms (as long stalls in profiled steps suggested)."""
+
+
+def _time_full_gc(phase: str, info: dict) -> None:
+    if info.get("generation") != 2:
+        return
+    if phase == "start":
+        FULL_GC["start"] = time.perf_counter()
+    else:
+        FULL_GC["count"] += 1
+        FULL_GC["s"] += time.perf_counter() - FULL_GC["start"]
+
+
 class Timer:
     """A TrainerCallback recording wall time and real tokens at each logged step (every `--log-every` steps).
 
     Logging reads the loss with `.item()`, which waits for the GPU, so the times between logs are the steps'.
     """
 
-    def __init__(self, profile_to: Path | None = None, profile_steps: tuple[int, int] = (0, 0)) -> None:
+    def __init__(self, profile_to: Path | None = None, profile_steps: tuple[int, int] = (0, 0),
+                 gc_freeze: bool = False) -> None:
         self.records: list[dict] = []
         self.profile_to = profile_to
         self.profile_steps = profile_steps
+        self.gc_freeze = gc_freeze  # after the first step: collect once, then leave every object alive now alone
+        if _time_full_gc not in gc.callbacks:
+            gc.callbacks.append(_time_full_gc)
 
     def callback(self):
         from transformers import TrainerCallback
@@ -144,6 +164,9 @@ class Timer:
                     self.prof.__enter__()
 
             def on_step_end(self, args, state, control, **kwargs):
+                if timer.gc_freeze and state.global_step == 1:
+                    gc.collect()
+                    gc.freeze()
                 if self.prof is not None and state.global_step == timer.profile_steps[1]:
                     import torch
 
@@ -164,7 +187,8 @@ class Timer:
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
                     records.append({"step": state.global_step, "t": time.perf_counter(), "graphs": compiled_graphs(),
-                                    "tokens": state.num_input_tokens_seen, "loss": float(logs["loss"])})
+                                    "tokens": state.num_input_tokens_seen, "loss": float(logs["loss"]),
+                                    "full_gc": FULL_GC["count"], "full_gc_s": FULL_GC["s"]})
 
         return _Timer()
 
@@ -193,6 +217,10 @@ def summarize(records: list[dict], warmup: int, load_s: float, device: str, skip
         "step_s": [round(b["t"] - a["t"], 3) for a, b in zip(records, records[1:])],
         "step_tokens": [b["tokens"] - a["tokens"] for a, b in zip(records, records[1:])],
         "compiles_after_warmup": compiled_graphs() - timed[0]["graphs"],
+        # full garbage collections between the first and the last timed log (profiled steps included)
+        "full_gc_timed": timed[-1].get("full_gc", 0) - timed[0].get("full_gc", 0),
+        "full_gc_timed_s": round(timed[-1].get("full_gc_s", 0.0) - timed[0].get("full_gc_s", 0.0), 3),
+        "full_gc_per_interval": [b.get("full_gc", 0) - a.get("full_gc", 0) for a, b in zip(records, records[1:])],
     }
     if device == "cuda":
         out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -333,11 +361,11 @@ training:
 
 def make_timer(a: argparse.Namespace, variant: str) -> Timer:
     if not a.profile_dir:
-        return Timer()
+        return Timer(gc_freeze=a.gc_freeze)
     Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
     # two steps, so the boundary between them (logging, the next batch, the optimizer) is in the timeline
-    return Timer(Path(a.profile_dir) / f"profile-{name}.txt", (a.warmup + 1, a.warmup + 3))
+    return Timer(Path(a.profile_dir) / f"profile-{name}.txt", (a.warmup + 1, a.warmup + 3), a.gc_freeze)
 
 
 def child(a: argparse.Namespace) -> None:
@@ -392,6 +420,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--profile-dir", default=None, help="write a torch profiler table and timeline "
                    "(trace-*.json.gz, for scripts/gpu_gaps.py) of two steps per variant here (left out of the timing)")
+    p.add_argument("--gc-freeze", action="store_true", help="every variant: after the first step, one full garbage "
+                   "collection and gc.freeze(), so that later full collections skip the objects alive then")
     p.add_argument("--report", type=Path, default=None, help="print the table of a saved --out file and stop")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
@@ -416,6 +446,8 @@ def main() -> None:
                *(["--baseline-steps", str(a.baseline_steps)] if a.baseline_steps else [])]
         if a.profile_dir:
             cmd += ["--profile-dir", a.profile_dir]
+        if a.gc_freeze:
+            cmd += ["--gc-freeze"]
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if variant == "unsloth" and os.environ.get("UNSLOTH_PATH"):
@@ -435,7 +467,8 @@ def main() -> None:
         print(f"{variant}: " + (f"{rate:.0f} tok/s" if rate is not None else "no timed interval"), flush=True)
 
     report = {"shape": a.shape, "micro_batch": a.micro_batch, "seq_len": a.seq_len, "steps": a.steps,
-              "warmup": a.warmup, "device": device_name(a.device), "versions": versions(), "results": results}
+              "warmup": a.warmup, "gc_freeze": a.gc_freeze, "device": device_name(a.device), "versions": versions(),
+              "results": results}
     print_report(report)
     if a.out:
         a.out.write_text(json.dumps(report, indent=2))
@@ -475,6 +508,12 @@ def print_report(report: dict) -> None:
     print("last s, x last: seconds a step over the last logged interval and its ratio to the baseline's (the baseline "
           "still speeds up after the warm-up); compiles: graphs torch.compile compiled in the run; late: of them after "
           "the warm-up steps; warm-up s and steady*: what `qlora train` itself reports (summary.json)")
+    print("full garbage collections in the timed steps (count, seconds; per logged interval):"
+          + ("  [gc.freeze() after step 1]" if report.get("gc_freeze") else ""))
+    for r in results:
+        if "error" not in r and "full_gc_timed" in r:
+            print(f"  {r['variant']:<34}{r['full_gc_timed']:>3} {r['full_gc_timed_s']:>7.3f} s   "
+                  + " ".join(str(n) for n in r["full_gc_per_interval"]))
     print("\nfirst losses:")
     for r in results:
         if "error" not in r:

@@ -51,6 +51,8 @@
 #     # (the same call ran the first version of scripts/bench_dropout_masks.py: lora-dropout-masks-h200.txt)
 #   bash docs/bench/issue14-gpu.sh aa  # eleventh session: Llama-3-8B qlora, two steps profiled (tarred, as in mode v)
 #   bash docs/bench/issue14-gpu.sh ab  # what drawing the dropout masks costs the fused kernels (no wheels needed)
+#   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
+#     # timed steps, then the same with gc.freeze() after the first step (bench_train.py --gc-freeze)
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -184,6 +186,10 @@ elif [ "$1" = z ]; then
   python3 scripts/bench_lora_dropout.py --check 2>&1 | tee "$OUT/lora-dropout.txt"
   log10 llama3-8b qlora e22b629 bench-old
   log10 llama3-8b qlora tritonop
+elif [ "$1" = ac ]; then
+  log10 mistral7b qlora gc
+  python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
+    --variants qlora --gc-freeze --out "$OUT/mistral7b-log10-gcfreeze-h200.json" 2>&1 | tee "$OUT/mistral7b-gcfreeze.log"
 elif [ "$1" = ab ]; then
   python3 scripts/bench_dropout_masks.py 2>&1 | tee "$OUT/masks.txt"
 elif [ "$1" = aa ]; then
