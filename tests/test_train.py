@@ -472,3 +472,41 @@ def test_training_with_the_loss_heads_gradient_taken_in_forward_follows_trls_hea
     assert metrics[True]["loss"][0] == pytest.approx(metrics[False]["loss"][0], rel=1e-5)
     for key in ("loss", "mean_token_accuracy", "eval_loss"):
         assert metrics[True][key] == pytest.approx(metrics[False][key], rel=3e-3), key
+
+
+def test_after_the_first_step_training_keeps_the_objects_alive_then_out_of_full_garbage_collections(
+        tmp_path: Path) -> None:
+    """`training.freeze_gc` (on by default): after the first optimizer step, the objects alive then (the model, its
+    compiled layers, the data) are frozen out of Python's full garbage collections, which otherwise walk all of them
+    every so often in the middle of a step; training gives them back when it ends, also when it fails. With
+    `freeze_gc: false` nothing is frozen."""
+    import gc
+
+    from rich.console import Console
+    from transformers import TrainerCallback
+
+    class FrozenAtStepEnd(TrainerCallback):
+        def __init__(self, fail_at: int | None = None) -> None:
+            self.frozen, self.fail_at = [], fail_at
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.frozen.append(gc.get_freeze_count())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.frozen.append(gc.get_freeze_count())
+            if state.global_step == self.fail_at:
+                raise RuntimeError("a failing step")
+
+    common = ["training.max_steps=3", "training.logging_steps=1", "evaluation.compare_after_training=0"]
+    assert gc.get_freeze_count() == 0
+    default = FrozenAtStepEnd()
+    train(demo_recipe(tmp_path / "on", *common), Console(file=None, quiet=True), callbacks=[default])
+    assert default.frozen[0] == 0 and min(default.frozen[1:]) > 10_000  # torch, transformers, the model...
+    assert gc.get_freeze_count() == 0
+    failing = FrozenAtStepEnd(fail_at=2)
+    with pytest.raises(RuntimeError, match="a failing step"):
+        train(demo_recipe(tmp_path / "fail", *common), Console(quiet=True), callbacks=[failing])
+    assert failing.frozen[-1] > 0 and gc.get_freeze_count() == 0
+    off = FrozenAtStepEnd()
+    train(demo_recipe(tmp_path / "off", *common, "training.freeze_gc=false"), Console(quiet=True), callbacks=[off])
+    assert set(off.frozen) == {0}
