@@ -89,19 +89,24 @@ def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Ten
     return torch.empty_like(x), torch.empty_like(weight)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, seed, p = inputs
-    ctx.save_for_backward(x, weight, seed)
-    ctx.p = p
+def register_backward(op, backward_op) -> None:
+    """Give `op(x, weight, seed, p)` the gradient `backward_op(grad, x, weight, seed, p)` -> (dx, dweight): only the
+    inputs and the seed are kept, the mask is drawn again (also for the Triton op, qlora_cli/triton_lora.py)."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, seed, p = inputs
+        ctx.save_for_backward(x, weight, seed)
+        ctx.p = p
+
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, seed = ctx.saved_tensors
+        dx, dweight = backward_op(grad, x, weight, seed, ctx.p)
+        return dx, dweight, None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad: torch.Tensor):
-    x, weight, seed = ctx.saved_tensors
-    dx, dweight = dropout_matmul_backward(grad, x, weight, seed, ctx.p)
-    return dx, dweight, None, None
-
-
-dropout_matmul.register_autograd(_backward, setup_context=_setup_context)
+register_backward(dropout_matmul, dropout_matmul_backward)
 
 
 class FusedDropoutLinear(nn.Linear):

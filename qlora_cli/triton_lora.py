@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from qlora_cli.lora_dropout import register_backward
+
 TILES: tuple[int, int] | None = None
 """(rows, columns) of x for every kernel's tile instead of the tuned choice (tests, Triton's CPU interpreter)."""
 
@@ -195,19 +197,7 @@ def dropout_matmul_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
     return backward(grad.contiguous(), x.contiguous(), weight.contiguous(), seed, p)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, seed, p = inputs
-    ctx.save_for_backward(x, weight, seed)
-    ctx.p = p
-
-
-def _backward(ctx, grad: torch.Tensor):
-    x, weight, seed = ctx.saved_tensors
-    dx, dweight = dropout_matmul_backward(grad, x, weight, seed, ctx.p)
-    return dx, dweight, None, None
-
-
-dropout_matmul.register_autograd(_backward, setup_context=_setup_context)
+register_backward(dropout_matmul, dropout_matmul_backward)
 
 
 def keep_mask(seed: torch.Tensor, p: float, m: int, k: int, device: torch.device | str) -> torch.Tensor:
