@@ -421,7 +421,8 @@ def main() -> None:
     p.add_argument("--profile-dir", default=None, help="write a torch profiler table and timeline "
                    "(trace-*.json.gz, for scripts/gpu_gaps.py) of two steps per variant here (left out of the timing)")
     p.add_argument("--gc-freeze", action="store_true", help="every variant: after the first step, one full garbage "
-                   "collection and gc.freeze(), so that later full collections skip the objects alive then")
+                   "collection and gc.freeze(), so that later full collections skip the objects alive then (what "
+                   "qlora's `training.freeze_gc` does by default; `qlora-training.freeze_gc=false` turns that off)")
     p.add_argument("--report", type=Path, default=None, help="print the table of a saved --out file and stop")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
