@@ -11,9 +11,9 @@ the GPU at the first call (`triton.autotune`); the mask does not depend on them.
 
 The op training calls, `dropout_matmul`, is a `torch.library.triton_op`: inside the compiled layers inductor sees
 its kernels and launches them from its own generated code, as it launches the layer's other kernels (a Python custom
-op cost ~0.2 ms of CPU a call there, seven calls a layer, and the CPU was what held the GPU back). Imported only on
-CUDA (and by `scripts/bench_lora_dropout.py`, which runs the kernels in Triton's CPU interpreter too): CPU torch has
-no triton.
+op cost ~0.2 ms of CPU a call there under the profiler, seven calls a layer; in training no tokens/s difference was
+measured, docs/performance.md, eleventh session). Imported only on CUDA (and by `scripts/bench_lora_dropout.py`,
+which runs the kernels in Triton's CPU interpreter too): CPU torch has no triton.
 """
 
 from __future__ import annotations
