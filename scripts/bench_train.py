@@ -137,12 +137,10 @@ class Timer:
     Logging reads the loss with `.item()`, which waits for the GPU, so the times between logs are the steps'.
     """
 
-    def __init__(self, profile_to: Path | None = None, profile_steps: tuple[int, int] = (0, 0),
-                 gc_freeze: bool = False) -> None:
+    def __init__(self, profile_to: Path | None = None, profile_steps: tuple[int, int] = (0, 0)) -> None:
         self.records: list[dict] = []
         self.profile_to = profile_to
         self.profile_steps = profile_steps
-        self.gc_freeze = gc_freeze  # after the first step: collect once, then leave every object alive now alone
         if _time_full_gc not in gc.callbacks:
             gc.callbacks.append(_time_full_gc)
 
@@ -164,9 +162,6 @@ class Timer:
                     self.prof.__enter__()
 
             def on_step_end(self, args, state, control, **kwargs):
-                if timer.gc_freeze and state.global_step == 1:
-                    gc.collect()
-                    gc.freeze()
                 if self.prof is not None and state.global_step == timer.profile_steps[1]:
                     import torch
 
@@ -271,6 +266,10 @@ def run_baseline(ckpt: Path, data: Path, a: argparse.Namespace, liger: bool) -> 
     timer = make_timer(a, "baseline-liger" if liger else "baseline")
     ds = load_dataset("json", data_files=str(data), split="train")
     callbacks = [timer.callback()]
+    if a.gc_freeze:  # what qlora's training.freeze_gc does, for the usual recipe too
+        from qlora_cli.commands.train import freeze_gc_callback
+
+        callbacks.append(freeze_gc_callback())
     if a.baseline_steps:  # fewer steps, the same learning-rate schedule as qlora's run
         callbacks.append(stop_after(a.warmup + a.baseline_steps + 1))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, peft_config=lora,
@@ -361,11 +360,11 @@ training:
 
 def make_timer(a: argparse.Namespace, variant: str) -> Timer:
     if not a.profile_dir:
-        return Timer(gc_freeze=a.gc_freeze)
+        return Timer()
     Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in variant)
     # two steps, so the boundary between them (logging, the next batch, the optimizer) is in the timeline
-    return Timer(Path(a.profile_dir) / f"profile-{name}.txt", (a.warmup + 1, a.warmup + 3), a.gc_freeze)
+    return Timer(Path(a.profile_dir) / f"profile-{name}.txt", (a.warmup + 1, a.warmup + 3))
 
 
 def child(a: argparse.Namespace) -> None:
@@ -420,9 +419,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--profile-dir", default=None, help="write a torch profiler table and timeline "
                    "(trace-*.json.gz, for scripts/gpu_gaps.py) of two steps per variant here (left out of the timing)")
-    p.add_argument("--gc-freeze", action="store_true", help="every variant: after the first step, one full garbage "
-                   "collection and gc.freeze(), so that later full collections skip the objects alive then (what "
-                   "qlora's `training.freeze_gc` does by default; `qlora-training.freeze_gc=false` turns that off)")
+    p.add_argument("--gc-freeze", action="store_true", help="the baseline variants too: after the first step, one "
+                   "full garbage collection and gc.freeze(), so that later full collections skip the objects alive "
+                   "then, as qlora's `training.freeze_gc` does by default (`qlora-training.freeze_gc=false` turns it "
+                   "off for a qlora variant)")
     p.add_argument("--report", type=Path, default=None, help="print the table of a saved --out file and stop")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
@@ -510,7 +510,7 @@ def print_report(report: dict) -> None:
           "still speeds up after the warm-up); compiles: graphs torch.compile compiled in the run; late: of them after "
           "the warm-up steps; warm-up s and steady*: what `qlora train` itself reports (summary.json)")
     print("full garbage collections in the timed steps (count, seconds; per logged interval):"
-          + ("  [gc.freeze() after step 1]" if report.get("gc_freeze") else ""))
+          + ("  [--gc-freeze: the baseline's frozen after step 1 too]" if report.get("gc_freeze") else ""))
     for r in results:
         if "error" not in r and "full_gc_timed" in r:
             print(f"  {r['variant']:<34}{r['full_gc_timed']:>3} {r['full_gc_timed_s']:>7.3f} s   "

@@ -52,7 +52,9 @@
 #   bash docs/bench/issue14-gpu.sh aa  # eleventh session: Llama-3-8B qlora, two steps profiled (tarred, as in mode v)
 #   bash docs/bench/issue14-gpu.sh ab  # what drawing the dropout masks costs the fused kernels (no wheels needed)
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
-#     # timed steps, then the same with gc.freeze() after the first step (bench_train.py --gc-freeze)
+#     # timed steps, without and with gc.freeze() after the first step (training.freeze_gc). The figures on file
+#     # (mistral7b-log10-gc*-h200.json) ran before freeze_gc existed, as `qlora` and `qlora --gc-freeze` (the flag
+#     # then froze every variant); now that qlora freezes by default, this is the same comparison in one run
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -187,9 +189,7 @@ elif [ "$1" = z ]; then
   log10 llama3-8b qlora e22b629 bench-old
   log10 llama3-8b qlora tritonop
 elif [ "$1" = ac ]; then
-  log10 mistral7b qlora gc
-  python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 10 --log-every 10 --docs 3000 --workdir $W \
-    --variants qlora --gc-freeze --out "$OUT/mistral7b-log10-gcfreeze-h200.json" 2>&1 | tee "$OUT/mistral7b-gcfreeze.log"
+  log10 mistral7b "qlora-training.freeze_gc=false,qlora" gc
 elif [ "$1" = ab ]; then
   python3 scripts/bench_dropout_masks.py 2>&1 | tee "$OUT/masks.txt"
 elif [ "$1" = aa ]; then
