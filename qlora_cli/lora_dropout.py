@@ -10,12 +10,15 @@ elsewhere PyTorch with a mask from a generator seeded the same way.
 
 The seed is a tensor drawn from torch's generator at each call, inside the (compiled) layer: a gradient checkpoint
 restores the generator before it recomputes a layer, so the recompute draws the same seed and mask, as it does for
-peft's dropout. The masks are as random as peft's (each element kept with probability 1 - p, independently per
-projection; on CUDA p is rounded to 1/65536, 16-bit draws) but not the same ones, so a run differs from a
-peft-dropout run by its random draws only.
+peft's dropout. Each element's 16-bit draw is a hash of the seed and the element's index (`keep_mask`): the same
+on every device and in every kernel, whatever its tiles. An element is kept when its draw is at least
+round(p × 65536), so the dropout probability is p rounded to 1/65536 (`effective_p`), each element kept with
+probability 1 - p (tests/test_fast_path.py checks the rate, and that neighbouring elements, rows, seeds and
+projections draw independently). The masks are not peft's, so a run differs from a peft-dropout run by its random
+draws only.
 
 `dropout_matmul` below is the PyTorch version, for any device; on CUDA in 16 bits `FusedDropoutLinear` calls the
-Triton version, `qlora_cli.triton_lora.dropout_matmul`, which has the same arguments and mask contract.
+Triton version, `qlora_cli.triton_lora.dropout_matmul`, which has the same arguments and mask.
 """
 
 from __future__ import annotations
@@ -53,20 +56,64 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def threshold(p: float) -> int:
+    """The 16-bit draw below which an input is dropped."""
+    return min(max(round(p * 65536), 0), 65535)
+
+
+def effective_p(p: float) -> float:
+    """The dropout probability applied for p: p rounded to 1/65536."""
+    return threshold(p) / 65536
+
+
+U32 = 0xFFFFFFFF
+SEED_SALT = 0x9E3779B9
+"""Mixed into the seed before it is hashed (the golden-ratio constant): seed 0 does not hash a zero key."""
+
+
+def _times(h: torch.Tensor, c: int) -> torch.Tensor:
+    """h × c modulo 2^32 for uint32 values held in int64, in two halves so that no product leaves int64."""
+    return ((h & 0xFFFF) * c + (((h >> 16) * c & 0xFFFF) << 16)) & U32
+
+
+def mix32(h: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' integer hash: two multiplies, three xor-shifts) of uint32 values held in int64; the
+    Triton kernels compute the same function (`qlora_cli.triton_lora._mix`)."""
+    h = h ^ (h >> 16)
+    h = _times(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _times(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def hash_keep_mask(seed: torch.Tensor, p: float, m: int, k: int, first_row: int = 0) -> torch.Tensor:
+    """The mask (True: kept) of an m × k input for `seed`, in torch ops on the seed's device (rows from `first_row`
+    on: a part of a larger input's mask).
+
+    Element (row, col) has the flat index i = row × k + col. Its draw is the top 16 bits of
+    mix32((row × k mod 2^32 + col) mod 2^32 XOR key), key = mix32((row × k div 2^32) XOR mix32(seed XOR SEED_SALT)):
+    below 2^32 elements every element of a call hashes a different value (mix32 is a bijection)."""
+    seed_key = mix32((seed.reshape(()).to(torch.int64) ^ SEED_SALT) & U32)
+    base = torch.arange(first_row, first_row + m, device=seed.device, dtype=torch.int64) * k
+    key = mix32(((base >> 32) ^ seed_key) & U32)
+    cols = torch.arange(k, device=seed.device, dtype=torch.int64)
+    draws = mix32((((base & U32)[:, None] + cols[None, :]) & U32) ^ key[:, None]) >> 16
+    return draws >= threshold(p)
+
+
 def keep_mask(x: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """The mask `dropout_matmul` applies to a 2-D x for this seed (True: kept)."""
+    """The mask `dropout_matmul` applies to a 2-D x for this seed (True: kept), on x's device."""
     if _use_triton(x):
         from qlora_cli import triton_lora
 
         return triton_lora.keep_mask(seed, p, x.shape[0], x.shape[1], x.device)
-    g = torch.Generator().manual_seed(int(seed.item()))
-    return (torch.rand(x.shape, generator=g) >= p).to(x.device)
+    return hash_keep_mask(seed.to(x.device), p, x.shape[0], x.shape[1])
 
 
 @torch.library.custom_op("qlora::dropout_matmul", mutates_args=())
 def dropout_matmul(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """dropout(x, p) @ weight.T for a 2-D x (M × K) and weight (R × K), the mask drawn from `seed`."""
-    return (x * keep_mask(x, seed, p) / (1 - p)).to(x.dtype) @ weight.T
+    return (x * keep_mask(x, seed, p) / (1 - effective_p(p))).to(x.dtype) @ weight.T
 
 
 @dropout_matmul.register_fake
@@ -79,8 +126,9 @@ def dropout_matmul_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
                             p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight) of `dropout_matmul`, with the mask drawn again from `seed`."""
     keep = keep_mask(x, seed, p)
-    dropped = (x * keep / (1 - p)).to(x.dtype)
-    return ((grad @ weight) * keep / (1 - p)).to(x.dtype), (grad.T @ dropped).to(weight.dtype)
+    scale = 1 / (1 - effective_p(p))
+    dropped = (x * keep * scale).to(x.dtype)
+    return ((grad @ weight) * keep * scale).to(x.dtype), (grad.T @ dropped).to(weight.dtype)
 
 
 @dropout_matmul_backward.register_fake

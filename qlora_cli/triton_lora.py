@@ -1,11 +1,12 @@
-"""Triton kernels for `dropout(x, p) @ A.T` with the dropout mask applied while `x` is loaded and regenerated
-from a Philox seed in backward, so that neither the dropped-out input nor a mask is written to memory.
+"""Triton kernels for `dropout(x, p) @ A.T` with the dropout mask applied while `x` is loaded and drawn again from
+its seed in backward, so that neither the dropped-out input nor a mask is written to memory.
 
-One Philox call (`tl.randint4x`, four 32-bit words) draws the masks of 8 consecutive inputs of a row, 16 bits
-each: an input is kept when its 16-bit draw is at least `threshold(p)` = round(p × 65536), so the dropout
-probability is p rounded to 1/65536 (`effective_p`). Every kernel computes a tile's mask with `_keep`, whose
-mapping from (row, column) to (Philox counter, 16-bit lane) depends on neither the tile size nor the kernel, so
-backward regenerates exactly the forward's mask (one call per 8 inputs, where `tl.rand` makes one per input).
+Each input's 16-bit draw is an integer hash of the seed and the input's index (`_keep`, the same function as
+`qlora_cli.lora_dropout.hash_keep_mask`): an input is kept when its draw is at least `threshold(p)` =
+round(p × 65536), so the dropout probability is p rounded to 1/65536 (`effective_p`). The draw depends on neither
+the tile size nor the kernel, so backward regenerates exactly the forward's mask. Until the twelfth session the
+draws came from Philox (`tl.randint4x`, one call per 8 inputs, spread over them with `tl.interleave`), which made the
+mask most of what dropout cost the kernels (`scripts/bench_dropout_masks.py`, docs/performance.md).
 Tile sizes, warps and pipeline stages are picked per kernel, input width and rank by timing a few candidates on
 the GPU at the first call (`triton.autotune`); the mask does not depend on them.
 
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from qlora_cli.lora_dropout import register_backward
+from qlora_cli.lora_dropout import effective_p, register_backward, threshold
 
 TILES: tuple[int, int] | None = None
 """(rows, columns) of x for every kernel's tile instead of the tuned choice (tests, Triton's CPU interpreter)."""
@@ -39,18 +40,24 @@ GRAD_WEIGHT = [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
 
 
 @triton.jit
-def _keep(seed, threshold, rows, k0, K8, BK: tl.constexpr):
-    """Keep mask of the tile rows × [k0, k0 + BK) (k0 and BK multiples of 8; K8 = groups of 8 columns a row)."""
-    groups = k0 // 8 + tl.arange(0, BK // 8)
-    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * K8 + groups[None, :])
-    w0, w1 = r0.to(tl.uint32, bitcast=True), r1.to(tl.uint32, bitcast=True)
-    w2, w3 = r2.to(tl.uint32, bitcast=True), r3.to(tl.uint32, bitcast=True)
-    low = tl.interleave(tl.interleave((w0 & 0xFFFF).to(tl.int32), (w0 >> 16).to(tl.int32)),
-                        tl.interleave((w1 & 0xFFFF).to(tl.int32), (w1 >> 16).to(tl.int32)))
-    high = tl.interleave(tl.interleave((w2 & 0xFFFF).to(tl.int32), (w2 >> 16).to(tl.int32)),
-                         tl.interleave((w3 & 0xFFFF).to(tl.int32), (w3 >> 16).to(tl.int32)))
-    draws = tl.interleave(low, high)  # BM × BK: each group of 8 columns gets its call's eight 16-bit draws
-    return draws >= threshold
+def _mix(h):
+    """lowbias32 of uint32 values (`qlora_cli.lora_dropout.mix32`)."""
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _keep(seed, threshold, rows, k0, K, BK: tl.constexpr):
+    """Keep mask of the tile rows × [k0, k0 + BK) of an input K wide (`hash_keep_mask`'s draws)."""
+    cols = (k0 + tl.arange(0, BK)).to(tl.uint32)
+    base = rows.to(tl.int64) * K  # flat index of each row's first element
+    key = _mix((base >> 32).to(tl.uint32) ^ _mix((seed ^ 0x9E3779B9).to(tl.uint32)))  # lora_dropout.SEED_SALT
+    draws = _mix((base.to(tl.uint32)[:, None] + cols[None, :]) ^ key[:, None]) >> 16
+    return draws.to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -63,7 +70,7 @@ def _forward(x_ptr, a_ptr, h_ptr, seed_ptr, threshold, scale, M, K, R, RP: tl.co
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        x = tl.where(_keep(seed, threshold, rm, k0, tl.cdiv(K, 8), BK), x * scale, 0.0).to(x_ptr.dtype.element_ty)
+        x = tl.where(_keep(seed, threshold, rm, k0, K, BK), x * scale, 0.0).to(x_ptr.dtype.element_ty)
         a = tl.load(a_ptr + rr[None, :] * K + rk[:, None], mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
         acc += tl.dot(x, a)
     tl.store(h_ptr + rm[:, None] * R + rr[None, :], acc.to(h_ptr.dtype.element_ty),
@@ -83,7 +90,7 @@ def _grad_weight(x_ptr, dh_ptr, part_ptr, seed_ptr, threshold, scale, M, K, R, R
     for m0 in range(split * ROWS, split * ROWS + ROWS, BM):
         rm = m0 + tl.arange(0, BM)
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        x = tl.where(_keep(seed, threshold, rm, k0, tl.cdiv(K, 8), BK), x * scale, 0.0).to(x_ptr.dtype.element_ty)
+        x = tl.where(_keep(seed, threshold, rm, k0, K, BK), x * scale, 0.0).to(x_ptr.dtype.element_ty)
         dh = tl.load(dh_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
         acc += tl.dot(tl.trans(dh), x)
     tl.store(part_ptr + split * R * K + rr[:, None] * K + rk[None, :], acc,
@@ -100,7 +107,7 @@ def _grad_input(dh_ptr, a_ptr, dx_ptr, seed_ptr, threshold, scale, M, K, R, RP: 
     rr = tl.arange(0, RP)
     dh = tl.load(dh_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-    g = tl.where(_keep(seed, threshold, rm, k0, tl.cdiv(K, 8), BK), tl.dot(dh, a) * scale, 0.0)
+    g = tl.where(_keep(seed, threshold, rm, k0, K, BK), tl.dot(dh, a) * scale, 0.0)
     tl.store(dx_ptr + rm[:, None] * K + rk[None, :], g.to(dx_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
@@ -111,22 +118,12 @@ def _keep_mask(out_ptr, seed_ptr, threshold, M, K, BM: tl.constexpr, BK: tl.cons
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
     rk = k0 + tl.arange(0, BK)
-    keep = _keep(seed, threshold, rm, k0, tl.cdiv(K, 8), BK)
+    keep = _keep(seed, threshold, rm, k0, K, BK)
     tl.store(out_ptr + rm[:, None] * K + rk[None, :], keep.to(tl.int8), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
 def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot needs each side ≥ 16, tl.arange a power of two
-
-
-def threshold(p: float) -> int:
-    """The 16-bit draw below which an input is dropped."""
-    return min(max(round(p * 65536), 0), 65535)
-
-
-def effective_p(p: float) -> float:
-    """The dropout probability the kernels apply for p: p rounded to 1/65536."""
-    return threshold(p) / 65536
 
 
 def _configs(candidates: list[tuple]) -> list[triton.Config]:
@@ -147,7 +144,7 @@ def _kernel(tuned, plain) -> tuple:
     if TILES is None:
         return wrap_triton(tuned), {}
     bm, bk = TILES
-    assert bk % 8 == 0 and min(bm, bk) >= 16, TILES  # whole groups of 8 columns; tl.dot's minimum
+    assert min(bm, bk) >= 16, TILES  # tl.dot's minimum
     return wrap_triton(plain), {"BM": bm, "BK": bk, "num_warps": 4, "num_stages": 2}
 
 

@@ -1,26 +1,35 @@
-"""What the fused LoRA-dropout kernels spend on drawing their masks (docs/performance.md, eleventh session).
+"""What the fused LoRA-dropout kernels spend on drawing their masks (docs/performance.md, eleventh and twelfth
+sessions).
 
-`qlora_cli/triton_lora.py` draws each mask from Philox (`tl.randint4x`, 10 rounds, one call per 8 inputs) and
-spreads a call's eight 16-bit draws over 8 columns with `tl.interleave`. This script times the forward kernel
-(`dropout(x) @ A.T`) and the input-gradient kernel (`(dh @ A) * mask`) of that design with four ways of making the
-mask, each at its fastest tile of a few candidates, against cuBLAS's products without dropout:
+This script times the forward kernel (`dropout(x) @ A.T`) and the input-gradient kernel (`(dh @ A) * mask`) of
+`qlora_cli/triton_lora.py`'s design with four ways of making the mask, each at its fastest tile of a few
+candidates, against cuBLAS's products without dropout:
 
-- philox10: the kernels' own mask (Philox, 10 rounds);
+- philox10: the kernels' mask until the twelfth session (Philox, `tl.randint4x`, 10 rounds, one call per 8 inputs,
+  its eight 16-bit draws spread over 8 columns with `tl.interleave`);
 - philox7: the same with 7 rounds;
-- hash: one 32-bit integer hash (lowbias32) of each element's index and the seed, no interleaving;
+- hash: the kernels' mask now (`triton_lora._keep`: one 32-bit integer hash of each input's index, keyed per row
+  by the seed);
 - none: no mask (the floor of the kernel as written).
 
     python scripts/bench_dropout_masks.py            # on a CUDA GPU, ~20 s
 
-Only philox10 is what training runs; the other masks are not checked for quality here.
+The hash's masks are checked by tests/test_fast_path.py (rates) and `scripts/bench_lora_dropout.py --check`
+(the kernels draw `lora_dropout.hash_keep_mask`'s masks); the Philox variants are here for timing only.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qlora_cli.triton_lora import _keep as keep_hash  # noqa: E402
 
 MASKS = ["philox10", "philox7", "hash", "none"]
 FORWARD = [(16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3),
@@ -42,14 +51,7 @@ def _keep(seed, threshold, rows, k0, K, BK: tl.constexpr, MODE: tl.constexpr):
                              tl.interleave((w3 & 0xFFFF).to(tl.int32), (w3 >> 16).to(tl.int32)))
         return tl.interleave(low, high) >= threshold
     elif MODE == 2:
-        cols = k0 + tl.arange(0, BK)
-        h = (rows[:, None] * K + cols[None, :]).to(tl.uint32) ^ (seed.to(tl.uint32) * 0x9E3779B9)
-        h ^= h >> 16
-        h *= 0x7FEB352D
-        h ^= h >> 15
-        h *= 0x846CA68B
-        h ^= h >> 16
-        return (h >> 16).to(tl.int32) >= threshold
+        return keep_hash(seed, threshold, rows, k0, K, BK)
     else:
         cols = k0 + tl.arange(0, BK)
         return (rows[:, None] + cols[None, :]) >= 0

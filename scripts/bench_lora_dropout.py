@@ -31,6 +31,7 @@ if "--interpret" in sys.argv:  # before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qlora_cli import triton_lora  # noqa: E402
+from qlora_cli.lora_dropout import hash_keep_mask  # noqa: E402
 from qlora_cli.triton_lora import dropout_matmul  # noqa: E402
 
 
@@ -70,6 +71,10 @@ def check(m: int, k: int, r: int, p: float, dtype: torch.dtype, device: str) -> 
     same = torch.equal(triton_lora.keep_mask(seed, p, m, k, device), keep)
     triton_lora.TILES = tiles
     print(f"  the same mask with 16 x 128 tiles: {same}")
+    if not same:
+        return float("inf")
+    same = torch.equal(hash_keep_mask(seed, p, m, k), keep)
+    print(f"  the same mask as lora_dropout.hash_keep_mask (torch ops): {same}")
     if not same:
         return float("inf")
     other = triton_lora.keep_mask(seed + 1, p, m, k, device)

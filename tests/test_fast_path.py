@@ -471,12 +471,12 @@ def fused_dropout_model(recipe, reference: bool = False):
     projections that draw the same seed and apply the op's mask with PyTorch ops instead of the op."""
     import torch.nn.functional as F
 
-    from qlora_cli.lora_dropout import FusedDropoutLinear, draw_seed, keep_mask, use_fused_lora_dropout
+    from qlora_cli.lora_dropout import FusedDropoutLinear, draw_seed, effective_p, keep_mask, use_fused_lora_dropout
 
     class ReferenceDropoutLinear(FusedDropoutLinear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             keep = keep_mask(x.reshape(-1, x.shape[-1]), draw_seed(x.device), self.p).reshape(x.shape)
-            return F.linear(x * keep / (1 - self.p), self.weight)
+            return F.linear(x * keep / (1 - effective_p(self.p)), self.weight)
 
     model = lora_model(recipe, compiled=False, precision="fp32")
     assert use_fused_lora_dropout(model) == 14  # 7 projections x 2 layers
@@ -484,6 +484,34 @@ def fused_dropout_model(recipe, reference: bool = False):
         if reference and isinstance(module, FusedDropoutLinear):
             module.__class__ = ReferenceDropoutLinear
     return model
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5])
+def test_the_dropout_masks_drop_each_input_with_probability_p_independently_of_its_neighbours_and_seeds(p) -> None:
+    """The fused dropout's masks (the same hash in the Triton kernels and on other devices) drop each input with
+    probability p, independently of the next column, the next row and the next seed: each rate within 5 standard
+    deviations of its expectation over 2^20 inputs."""
+    from qlora_cli.lora_dropout import effective_p, hash_keep_mask
+
+    m, k = 1024, 1024
+    n = m * k
+
+    def close(observed: torch.Tensor, expected: float, count: int) -> bool:
+        return abs(observed.float().mean().item() - expected) < 5 * (expected * (1 - expected) / count) ** 0.5
+
+    q = effective_p(p)
+    assert abs(q - p) <= 2**-17
+    for seed in (0, 1, 2**31 - 2):
+        dropped = ~hash_keep_mask(torch.tensor([seed]), p, m, k)
+        following = ~hash_keep_mask(torch.tensor([seed + 1]), p, m, k)
+        assert close(dropped, q, n)
+        assert close(dropped[:, 1:] & dropped[:, :-1], q * q, n)  # next column
+        assert close(dropped[1:] & dropped[:-1], q * q, n)  # next row
+        assert close(dropped & following, q * q, n)  # next seed
+        assert len({tuple(row.tolist()) for row in dropped}) == m  # no two rows alike
+    # rows 2^12 on of an input 2^20 wide start past 2^32 inputs: the flat index's high word changes the row's key
+    first, past = hash_keep_mask(torch.tensor([5]), p, 1, 2**20), hash_keep_mask(torch.tensor([5]), p, 2, 2**20, 2**12)
+    assert close(~past, q, past.numel()) and not torch.equal(past[0], first[0])
 
 
 def test_fused_lora_dropout_gives_the_loss_and_gradients_of_peft_dropout_with_the_same_masks(tmp_path: Path,
