@@ -190,10 +190,21 @@ class TrlHeadOrOurs:
                                  outputs)
 
 
+EVERY_POSITION_SHARE = 0.9
+"""Share of the training tokens with a loss from which `qlora train` scores every position (`gradient_in_forward`)."""
+
+
 @contextlib.contextmanager
-def gradient_in_forward(enabled: bool) -> Iterator[bool]:
+def gradient_in_forward(enabled: bool, every_position: bool = False) -> Iterator[bool]:
     """While open, TRL's fused LM head (SFTTrainer's loss) runs `LogProbHead`. Yields whether it does: not when
-    `enabled` is false, or where the installed TRL has no chunked head (it then computes full logits itself)."""
+    `enabled` is false, or where the installed TRL has no chunked head (it then computes full logits itself).
+
+    `every_position`: the head also scores the positions without a label (their log-probabilities are then zeroed,
+    as TRL does on devices without Triton), instead of TRL's selection of the labelled ones with
+    `hidden_states[mask]`, which makes the CPU wait for the forward pass to finish before it can queue the head (the
+    number of rows is read back). `qlora train` sets it when at least EVERY_POSITION_SHARE of the training tokens
+    carry a loss (plain text, packed conversations with long answers): the few extra rows cost less than the wait.
+    """
     try:
         import trl.trainer.utils as trl_utils
     except ImportError:
@@ -202,8 +213,13 @@ def gradient_in_forward(enabled: bool) -> Iterator[bool]:
     if not enabled or original is None:
         yield False
         return
+    compact = getattr(trl_utils, "_use_triton", None)  # TRL's choice between the two ways (trl/trainer/utils.py)
     trl_utils._ChunkedLogProbFunction = TrlHeadOrOurs
+    if every_position and compact is not None:
+        trl_utils._use_triton = lambda device: False
     try:
         yield True
     finally:
         trl_utils._ChunkedLogProbFunction = original
+        if compact is not None:
+            trl_utils._use_triton = compact

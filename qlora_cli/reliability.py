@@ -411,7 +411,7 @@ class LaggedReadback:
         for host, event, tag in ready:
             if event is not None:
                 event.synchronize()
-            out.append((host.item(), tag))
+            out.append((host.item() if host.dim() == 0 else host.tolist(), tag))
         return out
 
 
@@ -446,6 +446,8 @@ def atomic_checkpoint_trainer() -> type:
         The step's bookkeeping does not make the CPU wait for the GPU between the backward pass and the optimizer
         step (transformers reads the token count back after every micro-batch): the CPU queues the optimizer step
         and the next batch while the GPU finishes the backward pass (docs/performance.md, fifth H200 session).
+        Nor does the loss between the forward and the backward pass: TRL's metrics of each micro-batch (token
+        accuracy, entropy, tokens seen) are read back when they are logged (`compute_loss`).
         """
 
         checkpoint_estimate: int = 0  # bytes one checkpoint needs; set by `qlora train`
@@ -457,7 +459,59 @@ def atomic_checkpoint_trainer() -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self._tokens_readback = LaggedReadback()  # counts of earlier steps on their way to the host
+            self._metric_sums = {"train": LaggedReadback(), "eval": LaggedReadback()}  # see compute_loss
             self.callback_handler.callbacks.insert(0, TokenCountAtStepEnd(self))  # before the others read it
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            """TRL's loss of the fused LM head (negative log-likelihood or DFT, over the micro-batch's or the
+            batch's label tokens), its metrics read back when `log` reports them.
+
+            TRL reads each micro-batch's token accuracy, entropy and token count back to Python as soon as the
+            forward pass has queued them: the CPU waits for the GPU to finish the forward pass, and the backward
+            pass then starts from an empty queue. Here the sums they come from go to the host behind the GPU's
+            work and become the same per-micro-batch values in TRL's `_metrics` at the next `log`. Other losses
+            (label smoothing, `compute_loss_func`, MoE auxiliary loss, sequence parallelism), several processes
+            and `return_outputs` take TRL's own path."""
+            import torch
+
+            plain = (not return_outputs and self.compute_loss_func is None and not self.aux_loss_enabled
+                     and (self.label_smoother is None or self.args.loss_type != "nll")
+                     and self.accelerator.num_processes == 1 and getattr(self, "_tp_size", 1) == 1)
+            if not plain:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            per_token_loss = -outputs.log_probs  # zero on ignored positions
+            if self.args.loss_type == "dft":
+                per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            masked = torch.zeros((), device=loss.device)  # tokens seen: the attention mask's, on the device
+            seen = 0  # or (padding-free) the row's length, known here
+            if mode == "train" and "attention_mask" in inputs:
+                masked = inputs["attention_mask"].sum()
+            elif mode == "train" and "position_ids" in inputs:
+                seen = inputs["position_ids"].size(1)
+            elif mode == "train":
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+            sums = (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum(), masked)
+            self._metric_sums[mode].put(torch.stack([v.double() for v in sums]), seen)
+            return loss
+
+        def take_metrics(self, mode: str) -> None:
+            """Bring the sums `compute_loss` put aside into TRL's `_metrics[mode]`, as TRL would have put them."""
+            for (valid, entropy, correct, masked), seen in self._metric_sums[mode].take():
+                self._metrics[mode]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+                self._metrics[mode]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+                self._total_train_tokens += int(masked) + seen
+                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            for mode in ("train", "eval"):  # train first: TRL's eval metrics count the tokens trained so far
+                self.take_metrics(mode)
+            super().log(logs, start_time)
 
         @staticmethod
         def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:

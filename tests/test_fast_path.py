@@ -606,6 +606,49 @@ def test_the_loss_head_with_its_gradient_in_forward_gives_trls_log_probs_entropy
     assert lm_head.tile_rows(3000, 4) == rows
 
 
+def test_where_most_tokens_carry_a_loss_the_head_scores_every_position_instead_of_selecting_the_labelled_ones(
+        examples, monkeypatch) -> None:
+    """TRL's fused head selects the labelled positions on Triton devices (`hidden_states[mask]`, which waits for
+    the forward pass to know how many); with `every_position` qlora's head scores every position and TRL zeroes the
+    unlabelled ones: the same loss, log-probabilities, metrics and adapter gradients (fp32)."""
+    import trl.trainer.utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from qlora_cli.lm_head import TrlHeadOrOurs, gradient_in_forward
+
+    recipe, tokenizer, rows = examples
+    batch = packed_batch(tokenizer, rows)
+    batch["labels"][0, :7] = -100  # a prompt without a loss
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    model = lora_model(recipe, compiled=False, precision="fp32")
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)  # TRL's choice on a GPU: labelled rows only
+    scored, apply = [], TrlHeadOrOurs.apply  # rows the head scores
+
+    def counted(hidden, *args, **kwargs):
+        scored.append(len(hidden))
+        return apply(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(TrlHeadOrOurs, "apply", counted)
+    results = []
+    for every_position in (False, True):
+        with gradient_in_forward(True, every_position):
+            model.zero_grad()
+            out = model(**batch, fused_lm_head=True)
+            out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out, grads))
+    assert scored == [labelled, batch["input_ids"].numel() - 1] and scored[0] < scored[1]
+    assert trl_utils._use_triton(torch.device("cpu"))  # given back
+    (selected, grads), (every, every_grads) = results
+    assert every.loss.item() == pytest.approx(selected.loss.item(), rel=1e-6)
+    for name in ("log_probs", "entropy"):
+        assert torch.allclose(getattr(every, name), getattr(selected, name), atol=1e-5), name
+    assert torch.equal(every.is_top1, selected.is_top1) and torch.equal(every.label_mask, selected.label_mask)
+    for name, g in grads.items():
+        assert torch.allclose(every_grads[name], g, rtol=1e-4, atol=1e-7), name
+
+
 def test_the_loss_head_refuses_an_entropy_gradient_and_leaves_heads_that_train_to_trl() -> None:
     from trl.kernels import ChunkedLogProbFunction
 

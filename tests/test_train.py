@@ -263,15 +263,15 @@ def test_compiled_layers_that_compile_nothing_are_reported(tmp_path: Path) -> No
     assert "the first step compiled no graph, so the 2 compiled decoder layers ran eagerly" in console.export_text()
 
 
-def test_the_step_bookkeeping_reads_nothing_back_before_the_optimizer_step_and_counts_tokens_as_transformers(
+def test_the_step_bookkeeping_and_the_loss_read_nothing_back_in_a_step_and_log_what_transformers_and_trl_log(
         tmp_path: Path, monkeypatch, console) -> None:
-    """Between a micro-batch's backward pass and the optimizer step the CPU does not wait for the GPU, so it can
-    queue the optimizer step while the GPU finishes the backward: qlora's trainer keeps the token count on the device
-    until the step ends, counts the model's parameters for the FLOP estimate once, and does not look at each
-    micro-batch's loss (transformers' NaN filter; a NaN stops the run instead). The read-backs left inside the
-    micro-batches are the forward pass's (TRL's token accuracy and entropy, transformers' attention-mask shortcut).
-    The tokens counted are the ones transformers' own bookkeeping counts, read at the steps that log or save and
-    at the end; at the other steps a step late, so that the step's end does not wait for the GPU either."""
+    """Within a step the CPU does not wait for the GPU, so that it queues the backward pass while the GPU finishes
+    the forward, and the optimizer step while it finishes the backward: qlora's trainer keeps the token count on the
+    device until the step ends, counts the model's parameters for the FLOP estimate once, does not look at each
+    micro-batch's loss (transformers' NaN filter; a NaN stops the run instead), and reads TRL's per-micro-batch
+    metrics (token accuracy, entropy, tokens seen) back when they are logged. What is logged is what transformers'
+    and TRL's own bookkeeping log: the same losses, metrics and token counts, read at the steps that log or save and
+    at the end; at the other steps the token count is a step late, so that the step's end does not wait either."""
     from torch.overrides import TorchFunctionMode
     from transformers import TrainerCallback
     from trl import SFTTrainer
@@ -298,7 +298,7 @@ def test_the_step_bookkeeping_reads_nothing_back_before_the_optimizer_step_and_c
 
     class Steps(TrainerCallback):
         def __init__(self, mode: ReadBacks | None) -> None:
-            self.mode, self.tokens = mode, []
+            self.mode, self.tokens, self.logs = mode, [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.mode:
@@ -311,25 +311,36 @@ def test_the_step_bookkeeping_reads_nothing_back_before_the_optimizer_step_and_c
         def on_step_end(self, args, state, control, **kwargs):
             self.tokens.append(state.num_input_tokens_seen)
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append({k: v for k, v in (logs or {}).items() if "runtime" not in k and "per_second" not in k})
+
     overrides = ["training.max_steps=5", "training.gradient_accumulation_steps=2", "training.logging_steps=2",
-                 "training.save_steps=100", "evaluation.compare_after_training=0", "training.sft_args={}"]
+                 "training.save_steps=100", "evaluation.compare_after_training=0", "training.sft_args={}",
+                 "training.eval_steps=4"]
     mode = ReadBacks()
     ours = Steps(mode)
     with mode:
         train(demo_recipe(tmp_path / "a", *overrides), console, callbacks=[ours])
     inside = {(where, fn) for phase, where, fn in mode.seen if phase == "micro-batches"}
-    assert ("trainer/sft_trainer.py", "compute_loss") in inside  # the forward pass's own read-backs are seen
+    assert not {(w, fn) for w, fn in inside if w == "trainer/sft_trainer.py"}, inside  # the loss reads nothing back
     bookkeeping = {(w, fn) for w, fn in inside if w == "transformers/trainer.py" or w.split("/")[0] in QLORA_DIRS}
     assert not bookkeeping, bookkeeping
     assert ("step end", "qlora_cli/reliability.py", "count_pending_tokens") in mode.seen
 
-    monkeypatch.setattr(atomic_checkpoint_trainer(), "_track_num_input_tokens", SFTTrainer._track_num_input_tokens)
+    trainer = atomic_checkpoint_trainer()
+    for name in ("_track_num_input_tokens", "compute_loss", "log"):  # transformers' and TRL's own
+        monkeypatch.setattr(trainer, name, getattr(SFTTrainer, name))
     theirs = Steps(None)
     train(demo_recipe(tmp_path / "b", *overrides), console, callbacks=[theirs])
     # steps that log (2, 4) and the last one have the count up to their end; the others that of the step before,
     # so that their end does not wait for the GPU
     assert [ours.tokens[i] for i in (1, 3, 4)] == [theirs.tokens[i] for i in (1, 3, 4)] and theirs.tokens[0] > 0
     assert [ours.tokens[0], ours.tokens[2]] == [0, theirs.tokens[1]]
+    assert [log.keys() for log in ours.logs] == [log.keys() for log in theirs.logs]
+    assert any("eval_mean_token_accuracy" in log for log in ours.logs)
+    assert {"loss", "entropy", "mean_token_accuracy", "num_tokens"} <= ours.logs[0].keys()
+    for mine, trls in zip(ours.logs, theirs.logs):
+        assert mine == pytest.approx(trls, rel=1e-5), (mine, trls)
 
 
 def test_bitsandbytes_optimizers_step_like_bitsandbytes_without_waiting_after_each_parameter(tmp_path: Path) -> None:

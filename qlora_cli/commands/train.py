@@ -17,7 +17,7 @@ from rich.text import Text
 
 from .. import data as datamod
 from ..errors import UserError
-from ..lm_head import gradient_in_forward
+from ..lm_head import EVERY_POSITION_SHARE, gradient_in_forward
 from ..lora_dropout import FusedDropoutLinear, resolve_fused_lora_dropout, use_fused_lora_dropout
 from ..model import (
     Device,
@@ -645,7 +645,10 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
                       "lora.lora_dropout > 0, plain LoRA, and on CUDA bfloat16 adapters); training with peft's "
                       "dropout[/yellow]")
     t1 = time.perf_counter()
-    with stop_signal, gradient_in_forward(recipe.training.lm_head_grad_in_forward), packed_masks_without_readback():
+    stats = prepared.train_stats
+    labelled = stats.loss_tokens / max(1, sum(min(n, recipe.data.max_length) for n in stats.lengths))
+    head = gradient_in_forward(recipe.training.lm_head_grad_in_forward, labelled >= EVERY_POSITION_SHARE)
+    with stop_signal, head, packed_masks_without_readback():
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         except Exception as e:
