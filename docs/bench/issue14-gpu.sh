@@ -51,6 +51,9 @@
 #     # (the same call ran the first version of scripts/bench_dropout_masks.py: lora-dropout-masks-h200.txt)
 #   bash docs/bench/issue14-gpu.sh aa  # eleventh session: Llama-3-8B qlora, two steps profiled (tarred, as in mode v)
 #   bash docs/bench/issue14-gpu.sh ab  # what drawing the dropout masks costs the fused kernels (no wheels needed)
+#   bash docs/bench/issue14-gpu.sh ad  # twelfth session: hashed dropout masks (kernel check, mask costs), then mode x
+#   bash docs/bench/issue14-gpu.sh ae  # twelfth session: mode y, then Mistral-7B qlora at commit 6ffc220 (bench-old/:
+#     # git archive 6ffc220 qlora_cli scripts recipes | tar -x -C bench-old), 30 warm-up and 30 timed steps
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
 #     # timed steps, without and with gc.freeze() after the first step (training.freeze_gc). The figures on file
 #     # (mistral7b-log10-gc*-h200.json) ran before freeze_gc existed, as `qlora` and `qlora --gc-freeze` (the flag
@@ -197,6 +200,15 @@ elif [ "$1" = aa ]; then
     --variants qlora --profile-dir /tmp/prof --out "$OUT/llama3-8b-profiled-h200.json" 2>&1 | tee "$OUT/llama3-8b-prof.log"
   python3 scripts/gpu_gaps.py /tmp/prof/trace-qlora.json.gz > /tmp/prof/gaps-qlora.txt
   tar -C /tmp/prof -czf "$OUT/prof-llama3-8b.tgz" .
+elif [ "$1" = ad ]; then
+  python3 scripts/bench_lora_dropout.py --check 2>&1 | tee "$OUT/lora-dropout.txt" || exit 1
+  python3 scripts/bench_dropout_masks.py 2>&1 | tee "$OUT/masks.txt"
+  bash docs/bench/issue14-gpu.sh x
+elif [ "$1" = ae ]; then
+  need_old
+  bash docs/bench/issue14-gpu.sh y
+  (cd bench-old && python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 30 --log-every 10 --docs 3000 \
+    --workdir $W --variants qlora --out "$OUT/mistral7b-warm30-6ffc220-h200.json" 2>&1 | tee "$OUT/mistral7b-old.log")
 elif [ "$1" = x ] || [ "$1" = y ]; then
   shape=$([ "$1" = x ] && echo llama3-8b || echo mistral7b)
   python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
