@@ -237,6 +237,7 @@ class RunSettings:
     head_grad_in_forward: bool = False  # qlora's loss head (training.lm_head_grad_in_forward) instead of TRL's
     liger: bool = False  # Liger's RMSNorm, SwiGLU and RoPE kernels (training.use_liger_kernel)
     compiled: bool = False  # decoder layers compiled with torch.compile (training.compile_layers)
+    kept_weights: tuple[str, ...] = ()  # projections whose dequantized weights the recompute keeps for backward
     flex: bool = False  # flex attention (packed rows on CUDA): no mask tensors, key/value heads not repeated
     padding: bool = True  # batches may hold sequences of different lengths, so an attention mask is needed
     packing: bool = False
@@ -279,6 +280,10 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
         liger = bool(t.sft_args["use_liger_kernel"])
     # TRL 1.16 keeps its own chunked loss head with or without Liger; only label smoothing builds the full logits.
     label_smoothing = float(t.sft_args.get("label_smoothing_factor") or 0) > 0
+    # compiled NF4 layers keep their recompute's dequantized weights for backward under checkpointing
+    # (training.keep_dequantized); the down projection runs outside the checkpoint unless recompute_down_proj
+    keeps = compiled and t.compile_nf4 and t.keep_dequantized and recipe.quantization.load_in_4bit
+    kept = tuple(n for n in LINEAR_NAMES if t.recompute_down_proj or n != "down_proj") if keeps else ()
     return RunSettings(
         micro_batch=t.per_device_train_batch_size,
         seq_len=seq_len,
@@ -299,6 +304,7 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
         head_grad_in_forward=t.lm_head_grad_in_forward,
         liger=liger,
         compiled=compiled,
+        kept_weights=kept,
         flex=resolve_attention(recipe, gpu) == "flex_attention",
         padding=padding,
         packing=data.packing,
@@ -571,6 +577,12 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
         terms.append(Term("recompute", "recompute of one layer in backward", n * per_layer,
                           f"{n:,} tokens × {per_layer:,} B (one layer's activations per token, below)",
                           rough=not arch.exact_layout))
+        kept = [name for name in s.kept_weights if name in arch.linears]
+        if kept and s.load_in_4bit:
+            weights = sum(arch.linears[name][0] * arch.linears[name][1] for name in kept)
+            terms.append(Term("dequantized", "dequantized weights kept by the recompute", b * weights,
+                              f"{_count(weights)} weights ({len(kept)} projections of one layer) × {b} B "
+                              "(training.keep_dequantized)"))
     else:
         terms.append(Term("activations", "activations of all layers", layers * n * per_layer + mask_elems,
                           f"{layers} layers × {n:,} tokens ({s.micro_batch} × {s.seq_len}) × {per_layer:,} B "
@@ -620,11 +632,11 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
     size = {t.key: t.bytes for t in terms}
     grads = size["grads"]
     head_moment = size["loss"] + (grads if grads_full else 0)
-    layer_moment = size["backward"] + size.get("recompute", 0) + grads
+    layer_moment = size["backward"] + size.get("recompute", 0) + size.get("dequantized", 0) + grads
     if layer_moment >= head_moment:
         moment, off = "backward of the last layer", {"loss"}
     else:
-        moment, off = "loss head", {"backward", "recompute"} | (set() if grads_full else {"grads"})
+        moment, off = "loss head", {"backward", "recompute", "dequantized"} | (set() if grads_full else {"grads"})
     for t in terms:
         if t.key in off:
             t.at_peak = False

@@ -276,16 +276,19 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, recompute_down_proj: bool = False,
-                   **compile_kwargs: Any) -> int:
+                   keep_dequantized: bool = False, **compile_kwargs: Any) -> int:
     """torch.compile each decoder layer in place (regional compilation); returns how many were compiled.
 
     Layers share one class, so the first compile is reused by the others. In place (`Module.compile`), so
     parameter names, checkpoints and the saved adapter are unchanged. Under gradient checkpointing the checkpoint
     wraps the compiled call (`checkpoint_around`), whichever transformers version is installed, and the frozen
     part of the MLP's output projection runs outside it, once (`deferrable_projection`), unless
-    `recompute_down_proj`. `dynamic=True` compiles once for every sequence length (batches whose lengths vary);
-    `None` (torch's default) specialises to the first shape and recompiles, dynamic, at the second.
+    `recompute_down_proj`; with `keep_dequantized`, the recompute keeps the NF4 weights it dequantized (inside
+    the compiled graph, qlora_cli/nf4.py) for the layer's backward. `dynamic=True` compiles once for every sequence
+    length (batches whose lengths vary); `None` (torch's default) specialises to the first shape and recompiles,
+    dynamic, at the second.
     """
+    from .nf4 import keep_dequantized_in_recompute
     from .recompute import checkpoint_around, deferrable_projection
 
     layers = decoder_layers(model)
@@ -293,6 +296,8 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, recomput
         layer.compile(dynamic=dynamic, **compile_kwargs)
         if getattr(layer, "gradient_checkpointing", False):
             base = None if recompute_down_proj else deferrable_projection(layer)
+            if keep_dequantized:
+                keep_dequantized_in_recompute(layer, base)
             checkpoint_around(layer, base, dynamic=dynamic, **compile_kwargs)
     return len(layers)
 

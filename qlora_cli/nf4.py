@@ -70,15 +70,19 @@ def _forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     The dequantization runs under `checkpoint`: in the compiled graph that marks it "recompute", so backward
     dequantizes again from the packed weight (as bitsandbytes does) instead of keeping the 16-bit weight of all
-    7 projections from forward to backward (+0.3 GB peak on a 7B step when it did, and no faster:
-    docs/performance.md).
+    7 projections from forward to backward (+0.3 GB peak on a 7B step when it did: docs/performance.md). Layers
+    that are themselves checkpointed keep it (`keep_dequantized_in_recompute`): their first pass saves nothing,
+    and their recompute keeps one layer's weights until that layer's backward.
     """
     state = self.weight.quant_state
     input_dtype = x.dtype
     dtype = self.compute_dtype or x.dtype
     blocksize2 = state.state2.blocksize if state.nested else 256
     args = (self.weight.data, state_parts(state), state.blocksize, tuple(state.shape), blocksize2, dtype)
-    weight = checkpoint(_weight, *args, use_reentrant=False)
+    if getattr(self, "qlora_keep_dequantized", False):
+        weight = _weight(*args)
+    else:
+        weight = checkpoint(_weight, *args, use_reentrant=False)
     bias = None if self.bias is None else self.bias.to(dtype)
     return F.linear(x.to(dtype), weight, bias).to(input_dtype)
 
@@ -108,8 +112,22 @@ def use_compiled_dequantization(model: torch.nn.Module) -> int:
     return count
 
 
+def keep_dequantized_in_recompute(layer: torch.nn.Module, deferred: torch.nn.Module | None) -> int:
+    """Let the NF4 layers inside a checkpointed decoder layer save their dequantized weights for backward (all but
+    `deferred`, which runs outside the checkpoint: it would keep its weight from forward to backward); returns how
+    many. Under the checkpoint the first pass saves nothing, and the recompute in backward keeps the weights of
+    this one layer until its backward has run, instead of dequantizing them again (`training.keep_dequantized`)."""
+    count = 0
+    for module in layer.modules():
+        if module is not deferred and getattr(vars(module).get("forward"), "__func__", None) is _forward:
+            module.qlora_keep_dequantized = True
+            count += 1
+    return count
+
+
 def use_bitsandbytes_forward(model: torch.nn.Module) -> None:
     """Undo `use_compiled_dequantization` (eager generation: bitsandbytes' kernels are faster for small batches)."""
     for module in model.modules():
         if getattr(vars(module).get("forward"), "__func__", None) is _forward:
             del module.forward
+        vars(module).pop("qlora_keep_dequantized", None)

@@ -179,6 +179,12 @@ class TrainingConfig:
         "backward like the rest of the layer; false = run it once, outside the checkpoint (backward needs neither "
         "its output nor its input: ~27 % less recomputed matmul work on Llama/Mistral/Qwen layers, same memory).",
     )
+    keep_dequantized: bool = _f(
+        True, help="With compiled NF4 layers and gradient checkpointing, each layer's recompute in backward keeps "
+        "the 16-bit weights it dequantized for that layer's backward (all but the deferred down projection) "
+        "instead of dequantizing them a third time; +2 bytes a weight of one layer of peak memory. false = "
+        "dequantize again in backward, as bitsandbytes does.",
+    )
     fused_lora_dropout: bool | Literal["auto"] = _f(
         "auto", help="Apply LoRA dropout inside the product with A (Triton kernels on CUDA, a mask regenerated from "
         "a seed in backward) instead of writing the dropped-out input and a mask for each projection; plain LoRA "

@@ -305,6 +305,47 @@ def test_compiled_nf4_layers_keep_no_16_bit_weight_from_forward_to_backward(tmp_
     assert not weight_shapes & set(saved), weight_shapes & set(saved)
 
 
+def test_under_checkpointing_the_recompute_keeps_the_dequantized_weights_for_backward_with_the_same_gradients(
+        tmp_path: Path, examples) -> None:
+    """With `training.keep_dequantized` each checkpointed layer's recompute hands the 16-bit weights it
+    dequantized to the layer's backward (6 of them; the down projection runs outside the checkpoint and still
+    dequantizes again), instead of dequantizing them a third time; the same loss and gradients (fp32)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from qlora_cli.model import compile_layers, uncompile_layers
+    from qlora_cli.nf4 import use_compiled_dequantization
+
+    _, tokenizer, rows = examples
+    batch = packed_batch(tokenizer, rows)
+    recipe = demo_recipe(tmp_path, "lora.lora_dropout=0", "training.gradient_checkpointing=true")
+    results = {}
+    for keep in (False, True):
+        model = lora_model(recipe, compiled=False, precision="fp32")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert use_compiled_dequantization(model) == 14
+        weights = {tuple(m.weight.quant_state.shape) for m in model.modules()
+                   if hasattr(getattr(m, "weight", None), "quant_state")}
+        saved: list[tuple[int, ...]] = []  # what the backward graphs take from their forward graphs
+
+        def backward(gm: torch.fx.GraphModule, example_inputs, saved=saved):
+            saved.extend(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor))
+            return gm
+
+        torch._dynamo.reset()
+        backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=backward,
+                               partition_fn=min_cut_rematerialization_partition)
+        assert compile_layers(model, backend=backend, keep_dequantized=keep) == 2
+        results[keep] = seeded_step(model, batch), [s for s in saved if s in weights]
+        uncompile_layers(model)
+        assert not any("qlora_keep_dequantized" in vars(m) for m in model.modules())
+    ((loss, grads), none_kept), ((kept_loss, kept_grads), kept) = results[False], results[True]
+    assert none_kept == [] and len(kept) == 6  # one backward graph serves both layers: q, k, v, o, gate, up
+    assert kept_loss == pytest.approx(loss, rel=1e-6)
+    for name, a in grads.items():
+        assert ((kept_grads[name] - a).norm() / a.norm()).item() < 1e-5, name
+
+
 def test_compiled_layers_recompute_the_same_dropout_under_checkpointing(tmp_path: Path, examples) -> None:
     """Gradient checkpointing reruns each compiled layer in backward; the rerun must draw the dropout masks of
     the first pass, or the gradients would silently be wrong. In fp32 (no bf16 rounding to tell apart),

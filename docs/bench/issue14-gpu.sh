@@ -54,6 +54,8 @@
 #   bash docs/bench/issue14-gpu.sh ad  # twelfth session: hashed dropout masks (kernel check, mask costs), then mode x
 #   bash docs/bench/issue14-gpu.sh ae  # twelfth session: mode y, then Mistral-7B qlora at commit 6ffc220 (bench-old/:
 #     # git archive 6ffc220 qlora_cli scripts recipes | tar -x -C bench-old), 30 warm-up and 30 timed steps
+#   bash docs/bench/issue14-gpu.sh af  # twelfth session: Llama-3-8B baseline, qlora dequantizing again in backward
+#     # (training.keep_dequantized=false), qlora; 30 warm-up and 30 timed steps each
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
 #     # timed steps, without and with gc.freeze() after the first step (training.freeze_gc). The figures on file
 #     # (mistral7b-log10-gc*-h200.json) ran before freeze_gc existed, as `qlora` and `qlora --gc-freeze` (the flag
@@ -209,6 +211,10 @@ elif [ "$1" = ae ]; then
   bash docs/bench/issue14-gpu.sh y
   (cd bench-old && python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 30 --log-every 10 --docs 3000 \
     --workdir $W --variants qlora --out "$OUT/mistral7b-warm30-6ffc220-h200.json" 2>&1 | tee "$OUT/mistral7b-old.log")
+elif [ "$1" = af ]; then
+  python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
+    --variants "baseline,qlora-training.keep_dequantized=false,qlora" --out "$OUT/llama3-8b-warm30-keep-h200.json" \
+    2>&1 | tee "$OUT/llama3-8b-keep.log"
 elif [ "$1" = x ] || [ "$1" = y ]; then
   shape=$([ "$1" = x ] && echo llama3-8b || echo mistral7b)
   python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \

@@ -205,7 +205,8 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
     if recipe.training.compile_nf4:
         use_compiled_dequantization(model)
     return compile_layers(model, dynamic=None if recipe.data.packing else True,
-                          recompute_down_proj=recipe.training.recompute_down_proj)
+                          recompute_down_proj=recipe.training.recompute_down_proj,
+                          keep_dequantized=recipe.training.compile_nf4 and recipe.training.keep_dequantized)
 
 
 def compiled_graphs() -> int:
