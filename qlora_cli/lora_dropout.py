@@ -6,16 +6,16 @@ dropout of 0.05 costs 61 ms of a 0.794 s Mistral-7B step against dropout 0 (docs
 With this option the A projection of every LoRA layer becomes `FusedDropoutLinear`: one op computes
 `dropout(x, p) @ A.T` with a mask drawn from a seed, and backward draws the same mask again from the seed, so
 neither the dropped-out input nor the mask is stored. On CUDA the op runs Triton kernels (qlora_cli/triton_lora.py);
-elsewhere PyTorch with a mask from a generator seeded the same way.
+elsewhere PyTorch ops, with the same mask.
 
 The seed is a tensor drawn from torch's generator at each call, inside the (compiled) layer: a gradient checkpoint
 restores the generator before it recomputes a layer, so the recompute draws the same seed and mask, as it does for
 peft's dropout. Each element's 16-bit draw is a hash of the seed and the element's index (`keep_mask`): the same
 on every device and in every kernel, whatever its tiles. An element is kept when its draw is at least
 round(p × 65536), so the dropout probability is p rounded to 1/65536 (`effective_p`), each element kept with
-probability 1 - p (tests/test_fast_path.py checks the rate, and that neighbouring elements, rows, seeds and
-projections draw independently). The masks are not peft's, so a run differs from a peft-dropout run by its random
-draws only.
+probability 1 - p (tests/test_fast_path.py checks the rate, and that neighbouring elements, rows and seeds draw
+independently; each call, so each projection, draws its own seed). The masks are not peft's, so a run differs
+from a peft-dropout run by its random draws only.
 
 `dropout_matmul` below is the PyTorch version, for any device; on CUDA in 16 bits `FusedDropoutLinear` calls the
 Triton version, `qlora_cli.triton_lora.dropout_matmul`, which has the same arguments and mask.
