@@ -206,7 +206,7 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
         use_compiled_dequantization(model)
     return compile_layers(model, dynamic=None if recipe.data.packing else True,
                           recompute_down_proj=recipe.training.recompute_down_proj,
-                          keep_dequantized=recipe.training.compile_nf4 and recipe.training.keep_dequantized)
+                          keep_dequantized=recipe.training.keep_dequantized)  # acts on compile_nf4's layers only
 
 
 def compiled_graphs() -> int:
