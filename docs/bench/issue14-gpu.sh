@@ -56,6 +56,10 @@
 #     # git archive 6ffc220 qlora_cli scripts recipes | tar -x -C bench-old), 30 warm-up and 30 timed steps
 #   bash docs/bench/issue14-gpu.sh af  # twelfth session: Llama-3-8B baseline, qlora dequantizing again in backward
 #     # (training.keep_dequantized=false), qlora; 30 warm-up and 30 timed steps each
+#   bash docs/bench/issue14-gpu.sh ag  # thirteenth session: flex attention alone at the 7-8B layer shape on packed
+#     # rows: inductor's default kernel configuration vs max-autotune's pick, with and without TMA (torch only)
+#   bash docs/bench/issue14-gpu.sh ah  # thirteenth session: flex attention with qlora's forward tiles against the default
+#     # and other backward tiles, on the usual packed rows and on rows of one document; then mode x
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
 #     # timed steps, without and with gc.freeze() after the first step (training.freeze_gc). The figures on file
 #     # (mistral7b-log10-gc*-h200.json) ran before freeze_gc existed, as `qlora` and `qlora --gc-freeze` (the flag
@@ -215,6 +219,19 @@ elif [ "$1" = af ]; then
   python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
     --variants "baseline,qlora-training.keep_dequantized=false,qlora" --out "$OUT/llama3-8b-warm30-keep-h200.json" \
     2>&1 | tee "$OUT/llama3-8b-keep.log"
+elif [ "$1" = ag ]; then
+  python3 scripts/bench_flex_attention.py --json "$OUT/flex-attention-h200.json" 2>&1 | tee "$OUT/flex-attention.txt"
+elif [ "$1" = ah ]; then
+  F='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4'
+  bwd() { echo "\"bwd_BLOCK_M1\": $1, \"bwd_BLOCK_N1\": $2, \"bwd_BLOCK_M2\": $2, \"bwd_BLOCK_N2\": $1, \"bwd_num_stages\": $3, \"bwd_num_warps\": $4"; }
+  python3 scripts/bench_flex_attention.py --variants default,qlora,b32-64,b64-64,b64-128-w4,f64-128 \
+    --options "b32-64={$F, $(bwd 32 64 3 4)}" --options "b64-64={$F, $(bwd 64 64 3 4)}" \
+    --options "b64-128-w4={$F, $(bwd 64 128 3 4)}" \
+    --options 'f64-128={"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3, "fwd_num_warps": 4}' \
+    --json "$OUT/flex-tiles-h200.json" 2>&1 | tee "$OUT/flex-tiles.txt"
+  python3 scripts/bench_flex_attention.py --variants default,qlora --tokens-per-word 10 \
+    --json "$OUT/flex-tiles-long-h200.json" 2>&1 | tee "$OUT/flex-tiles-long.txt"
+  bash docs/bench/issue14-gpu.sh x
 elif [ "$1" = x ] || [ "$1" = y ]; then
   shape=$([ "$1" = x ] && echo llama3-8b || echo mistral7b)
   python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
