@@ -4,7 +4,8 @@ The shape is a 7-8B layer's (32 query heads, 8 key/value heads, head dim 128, bf
 it), micro-batch `--rows` x `--seq-len`, rows packed with documents whose lengths are drawn as scripts/bench_train.py
 draws its text rows (log-normal words, `--tokens-per-word` tokens a word), causal within each document. For each
 variant: the first forward + backward call (compiling, seconds), then milliseconds a call of the forward and of
-forward + backward (CUDA events, `--warmup` untimed then `--steps` timed calls, median), and what that makes a
+forward + backward (CUDA events: calls for `--warmup-s` seconds untimed, so that the GPU's clocks are up, then
+`--steps` timed calls, median), and what that makes a
 training step of `--layers` layers under gradient checkpointing (forward twice, backward once).
 
 Variants (`--variants`, comma-separated):
@@ -50,10 +51,14 @@ def document_ids(rows: int, seq_len: int, tokens_per_word: float, seed: int = 0)
     return ids
 
 
-def time_calls(fn, warmup: int, steps: int) -> float:
-    """Median milliseconds a call."""
-    for _ in range(warmup):
-        fn()
+def time_calls(fn, warmup_s: float, steps: int) -> float:
+    """Median milliseconds a call, after calling it for `warmup_s` seconds (the GPU's clocks come up meanwhile)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < warmup_s:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
     times = []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -120,8 +125,8 @@ def run_variant(name: str, a: argparse.Namespace, docs: torch.Tensor) -> dict:
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     with torch.no_grad():
-        fwd_ms = time_calls(compiled, a.warmup, a.steps)
-    fwd_bwd_ms = time_calls(forward_backward, a.warmup, a.steps)
+        fwd_ms = time_calls(compiled, a.warmup_s, a.steps)
+    fwd_bwd_ms = time_calls(forward_backward, a.warmup_s, a.steps)
     with torch.no_grad():
         out = compiled().float()
     row = {"variant": name, "kernel_options": None if name == "sdpa-causal" else options,
@@ -143,8 +148,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--tokens-per-word", type=float, default=2.0)
-    p.add_argument("--warmup", type=int, default=25)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--warmup-s", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--options", action="append", default=[], metavar="NAME=JSON",
                    help="a variant NAME running flex attention with these kernel_options (e.g. fwd_BLOCK_M, "
                         "bwd_num_warps); name it in --variants")

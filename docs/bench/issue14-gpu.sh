@@ -60,6 +60,9 @@
 #     # rows: inductor's default kernel configuration vs max-autotune's pick, with and without TMA (torch only)
 #   bash docs/bench/issue14-gpu.sh ah  # thirteenth session: flex attention with qlora's forward tiles against the default
 #     # and other backward tiles, on the usual packed rows and on rows of one document; then mode x
+#   bash docs/bench/issue14-gpu.sh ai  # thirteenth session: flex attention's tiles again (2 s of calls before timing each
+#     # variant: mode ah's figures moved with the GPU's clocks); Llama-3-8B qlora without and with the forward tiles
+#     # (training.flex_tiles), 30 warm-up and 30 timed steps each
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
 #     # timed steps, without and with gc.freeze() after the first step (training.freeze_gc). The figures on file
 #     # (mistral7b-log10-gc*-h200.json) ran before freeze_gc existed, as `qlora` and `qlora --gc-freeze` (the flag
@@ -232,6 +235,15 @@ elif [ "$1" = ah ]; then
   python3 scripts/bench_flex_attention.py --variants default,qlora --tokens-per-word 10 \
     --json "$OUT/flex-tiles-long-h200.json" 2>&1 | tee "$OUT/flex-tiles-long.txt"
   bash docs/bench/issue14-gpu.sh x
+elif [ "$1" = ai ]; then
+  F='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4'
+  B='"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_stages": 3, "bwd_num_warps": 4'
+  python3 scripts/bench_flex_attention.py --variants default,qlora,bwd32,qlora-bwd32,default2 \
+    --options "bwd32={$B}" --options "qlora-bwd32={$F, $B}" --options "default2={}" \
+    --json "$OUT/flex-tiles2-h200.json" 2>&1 | tee "$OUT/flex-tiles2.txt"
+  python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
+    --variants "qlora-training.flex_tiles=false,qlora" --out "$OUT/llama3-8b-warm30-tiles-h200.json" \
+    2>&1 | tee "$OUT/llama3-8b-tiles.log"
 elif [ "$1" = x ] || [ "$1" = y ]; then
   shape=$([ "$1" = x ] && echo llama3-8b || echo mistral7b)
   python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
