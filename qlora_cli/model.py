@@ -143,44 +143,6 @@ def packed_masks_without_readback() -> Iterator[None]:
         masking.find_packed_sequence_indices = original
 
 
-# Flex attention's forward tiles (its `kernel_options`) where inductor's heuristic choice measured slow, by CUDA
-# capability and head dim, for 16-bit inputs. sm90 (H100/H200), head dim 128: 64 x 64 tiles, 3 stages, 4 warps ran a
-# forward call in 0.314 ms on an H200 against 0.440 with inductor's default (128 x 64 tiles, 8 warps), 4 x 2048
-# packed rows of a 7-8B layer's heads (32 query, 8 key/value); the backward keeps inductor's tiles
-# (scripts/bench_flex_attention.py; docs/performance.md, thirteenth session).
-FLEX_FORWARD_TILES: dict[tuple[tuple[int, int], int], dict[str, int]] = {
-    ((9, 0), 128): {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4},
-}
-
-
-@contextlib.contextmanager
-def flex_forward_tiles(capability: tuple[int, int] | None) -> Iterator[None]:
-    """While open, transformers' flex attention runs its forward pass with `FLEX_FORWARD_TILES`' tiles for a GPU of
-    this CUDA capability (None: the CPU, nothing changes), where the caller passed no `kernel_options` of its own.
-
-    The tiles only choose how the kernel walks the blocks; the attention computed is the same.
-    """
-    from transformers.modeling_utils import AttentionInterface
-
-    by_head_dim = {dim: tiles for (cap, dim), tiles in FLEX_FORWARD_TILES.items() if cap == capability}
-    original = AttentionInterface._global_mapping.get("flex_attention")
-    if not by_head_dim or original is None:
-        yield
-        return
-
-    def flex_attention_with_tiles(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN202
-        tiles = by_head_dim.get(query.shape[-1])
-        if tiles is not None and kwargs.get("kernel_options") is None and query.element_size() == 2:
-            kwargs["kernel_options"] = tiles
-        return original(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("flex_attention", flex_attention_with_tiles)
-    try:
-        yield
-    finally:
-        AttentionInterface.register("flex_attention", original)
-
-
 def compute_dtype(quant: QuantizationConfig, precision: str) -> torch.dtype:
     import torch
 

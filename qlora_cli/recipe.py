@@ -186,11 +186,6 @@ class TrainingConfig:
         "Llama-3-8B: +1.1 % tokens/s, +0.29 GB peak (docs/performance.md, twelfth session). false = dequantize "
         "again in backward, as bitsandbytes does.",
     )
-    flex_tiles: bool = _f(
-        True, help="On H100/H200 GPUs, flex attention's forward pass (head dim 128) runs with 64 x 64 tiles, 3 stages, "
-        "4 warps (qlora_cli.model.FLEX_FORWARD_TILES) instead of inductor's default choice; the attention computed "
-        "is the same. false = inductor's choice.",
-    )
     fused_lora_dropout: bool | Literal["auto"] = _f(
         "auto", help="Apply LoRA dropout inside the product with A (Triton kernels on CUDA, a mask regenerated from "
         "a seed in backward) instead of writing the dropped-out input and a mask for each projection; plain LoRA "

@@ -158,46 +158,6 @@ def test_a_packed_batch_gets_its_attention_mask_without_a_read_back_and_the_same
     assert "find_packed_sequence_indices" in mode.seen
 
 
-def test_on_h100_and_h200_gpus_flex_attention_runs_its_forward_with_the_measured_tiles_and_the_same_attention(
-        monkeypatch) -> None:
-    """While `qlora train` runs on a GPU of CUDA capability 9.0 (H100, H200), every flex attention call of a model with
-    head dim 128 gets `FLEX_FORWARD_TILES`' forward tiles (inductor's own choice measured slower there,
-    docs/performance.md) and gives the logits it gives without them; other GPUs and the CPU get none, and
-    transformers' attention function is back in place afterwards."""
-    import transformers.integrations.flex_attention as flex
-    from transformers import LlamaForCausalLM
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from qlora_cli.model import FLEX_FORWARD_TILES, flex_forward_tiles
-    from qlora_cli.tiny import tiny_config
-
-    config = tiny_config()
-    config.head_dim = 128
-    torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, attn_implementation="flex_attention", dtype=torch.bfloat16).eval()
-    seen: list[dict | None] = []
-    real = flex.compile_friendly_flex_attention
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("kernel_options"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(flex, "compile_friendly_flex_attention", recording)
-    ids = torch.randint(4, config.vocab_size, (1, 64))
-    positions = torch.cat([torch.arange(40), torch.arange(24)])[None]  # two packed sequences
-    transformers_own = ALL_ATTENTION_FUNCTIONS["flex_attention"]
-    with torch.no_grad():
-        plain = model(input_ids=ids, position_ids=positions).logits
-        assert seen == [None, None]  # one call a layer
-        for capability, tiles in (((9, 0), FLEX_FORWARD_TILES[((9, 0), 128)]), ((8, 0), None), (None, None)):
-            seen.clear()
-            with flex_forward_tiles(capability):
-                logits = model(input_ids=ids, position_ids=positions).logits
-            assert seen == [tiles, tiles], capability
-            assert torch.equal(logits, plain), capability
-    assert ALL_ATTENTION_FUNCTIONS["flex_attention"] is transformers_own
-
-
 # ------------------------------------------------------------------------------------------------ compiled layers
 # `training.compile_layers` (on by default for CUDA training) runs each decoder layer through torch.compile.
 

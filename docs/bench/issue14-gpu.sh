@@ -62,7 +62,8 @@
 #     # and other backward tiles, on the usual packed rows and on rows of one document; then mode x
 #   bash docs/bench/issue14-gpu.sh ai  # thirteenth session: flex attention's tiles again (2 s of calls before timing each
 #     # variant: mode ah's figures moved with the GPU's clocks); Llama-3-8B qlora without and with the forward tiles
-#     # (training.flex_tiles), 30 warm-up and 30 timed steps each
+#     # (training.flex_tiles, removed after this run showed no gain: run at commit bf3d371), 30 warm-up and 30 timed
+#     # steps each
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
 #     # timed steps, without and with gc.freeze() after the first step (training.freeze_gc). The figures on file
 #     # (mistral7b-log10-gc*-h200.json) ran before freeze_gc existed, as `qlora` and `qlora --gc-freeze` (the flag
@@ -227,19 +228,19 @@ elif [ "$1" = ag ]; then
 elif [ "$1" = ah ]; then
   F='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4'
   bwd() { echo "\"bwd_BLOCK_M1\": $1, \"bwd_BLOCK_N1\": $2, \"bwd_BLOCK_M2\": $2, \"bwd_BLOCK_N2\": $1, \"bwd_num_stages\": $3, \"bwd_num_warps\": $4"; }
-  python3 scripts/bench_flex_attention.py --variants default,qlora,b32-64,b64-64,b64-128-w4,f64-128 \
+  python3 scripts/bench_flex_attention.py --variants default,qlora,b32-64,b64-64,b64-128-w4,f64-128 --options "qlora={$F}" \
     --options "b32-64={$F, $(bwd 32 64 3 4)}" --options "b64-64={$F, $(bwd 64 64 3 4)}" \
     --options "b64-128-w4={$F, $(bwd 64 128 3 4)}" \
     --options 'f64-128={"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_stages": 3, "fwd_num_warps": 4}' \
     --json "$OUT/flex-tiles-h200.json" 2>&1 | tee "$OUT/flex-tiles.txt"
-  python3 scripts/bench_flex_attention.py --variants default,qlora --tokens-per-word 10 \
+  python3 scripts/bench_flex_attention.py --variants default,qlora --options "qlora={$F}" --tokens-per-word 10 \
     --json "$OUT/flex-tiles-long-h200.json" 2>&1 | tee "$OUT/flex-tiles-long.txt"
   bash docs/bench/issue14-gpu.sh x
 elif [ "$1" = ai ]; then
   F='"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 3, "fwd_num_warps": 4'
   B='"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32, "bwd_num_stages": 3, "bwd_num_warps": 4'
   python3 scripts/bench_flex_attention.py --variants default,qlora,bwd32,qlora-bwd32,default2 \
-    --options "bwd32={$B}" --options "qlora-bwd32={$F, $B}" --options "default2={}" \
+    --options "qlora={$F}" --options "bwd32={$B}" --options "qlora-bwd32={$F, $B}" --options "default2={}" \
     --json "$OUT/flex-tiles2-h200.json" 2>&1 | tee "$OUT/flex-tiles2.txt"
   python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
     --variants "qlora-training.flex_tiles=false,qlora" --out "$OUT/llama3-8b-warm30-tiles-h200.json" \

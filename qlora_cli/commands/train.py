@@ -25,7 +25,6 @@ from ..model import (
     compile_layers,
     count_parameters,
     detect_device,
-    flex_forward_tiles,
     is_main_process,
     liger_installed,
     load_model,
@@ -650,9 +649,7 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
     stats = prepared.train_stats
     labelled = stats.loss_tokens / max(1, sum(min(n, recipe.data.max_length) for n in stats.lengths))
     head = gradient_in_forward(recipe.training.lm_head_grad_in_forward, labelled >= EVERY_POSITION_SHARE)
-    tiles = flex_forward_tiles(torch.cuda.get_device_capability()
-                               if device.is_cuda and recipe.training.flex_tiles else None)
-    with stop_signal, head, packed_masks_without_readback(), tiles:
+    with stop_signal, head, packed_masks_without_readback():
         try:
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         except Exception as e:
