@@ -163,6 +163,14 @@ class Architecture:
         )
 
     @property
+    def defers_down_proj(self) -> bool:
+        """Whether compiled, checkpointed layers of this architecture run the MLP's output projection once, outside
+        the checkpoint (qlora_cli/recompute.py: Llama, Mistral, Qwen2 and Qwen3 layers)."""
+        from .recompute import SUMMED_LAST_PROJECTION
+
+        return self.model_type in {name.removesuffix("DecoderLayer").lower() for name in SUMMED_LAST_PROJECTION}
+
+    @property
     def exact_layout(self) -> bool:
         return self.model_type in EXACT_LAYOUTS
 
@@ -238,6 +246,9 @@ class RunSettings:
     liger: bool = False  # Liger's RMSNorm, SwiGLU and RoPE kernels (training.use_liger_kernel)
     compiled: bool = False  # decoder layers compiled with torch.compile (training.compile_layers)
     kept_weights: tuple[str, ...] = ()  # projections whose dequantized weights the recompute keeps for backward
+    # compiled layers run the MLP's output projection outside the checkpoint (when there is one) where the architecture
+    # allows it (Architecture.defers_down_proj); its weight is then dequantized again in backward, not kept
+    deferred_down_proj: bool = False
     flex: bool = False  # flex attention (packed rows on CUDA): no mask tensors, key/value heads not repeated
     padding: bool = True  # batches may hold sequences of different lengths, so an attention mask is needed
     packing: bool = False
@@ -281,9 +292,11 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
     # TRL 1.16 keeps its own chunked loss head with or without Liger; only label smoothing builds the full logits.
     label_smoothing = float(t.sft_args.get("label_smoothing_factor") or 0) > 0
     # compiled NF4 layers keep their recompute's dequantized weights for backward under checkpointing
-    # (training.keep_dequantized); the down projection runs outside the checkpoint unless recompute_down_proj
+    # (training.keep_dequantized); the down projection runs outside the checkpoint unless recompute_down_proj (or
+    # DoRA, or an architecture qlora does not defer it for: estimate() decides that)
     keeps = compiled and t.compile_nf4 and t.keep_dequantized and recipe.quantization.load_in_4bit
-    kept = tuple(n for n in LINEAR_NAMES if t.recompute_down_proj or n != "down_proj") if keeps else ()
+    kept = LINEAR_NAMES if keeps else ()
+    deferred = compiled and not t.recompute_down_proj and not lora.use_dora
     return RunSettings(
         micro_batch=t.per_device_train_batch_size,
         seq_len=seq_len,
@@ -305,6 +318,7 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
         liger=liger,
         compiled=compiled,
         kept_weights=kept,
+        deferred_down_proj=deferred,
         flex=resolve_attention(recipe, gpu) == "flex_attention",
         padding=padding,
         packing=data.packing,
@@ -577,7 +591,8 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
         terms.append(Term("recompute", "recompute of one layer in backward", n * per_layer,
                           f"{n:,} tokens × {per_layer:,} B (one layer's activations per token, below)",
                           rough=not arch.exact_layout))
-        kept = [name for name in s.kept_weights if name in arch.linears]
+        deferred = s.deferred_down_proj and arch.defers_down_proj
+        kept = [name for name in s.kept_weights if name in arch.linears and not (deferred and name == "down_proj")]
         if kept and s.load_in_4bit:
             weights = sum(arch.linears[name][0] * arch.linears[name][1] for name in kept)
             terms.append(Term("dequantized", "dequantized weights kept by the recompute", b * weights,

@@ -342,6 +342,28 @@ def test_dropout_inside_the_a_projections_keeps_no_copies_or_masks_where_the_lay
     assert lora_inputs("training.compile_layers=false", "training.fused_lora_dropout=true")[0] is False
 
 
+def test_the_recompute_keeps_every_dequantized_weight_but_a_down_projection_that_runs_outside_it(
+        tmp_path: Path) -> None:
+    """With compiled NF4 layers under checkpointing (`training.keep_dequantized`), the recompute keeps one layer's
+    dequantized weights for backward: on Llama/Mistral/Qwen layers all but the MLP's output projection, which runs
+    once outside the checkpoint; with `training.recompute_down_proj`, or on layers qlora does not split that way,
+    that projection's weight is kept too."""
+    def kept_bytes(model_type: str | None = None, *overrides: str) -> int:
+        recipe = load_recipe(write_recipe(tmp_path, gradient_checkpointing=True), list(overrides))
+        est = estimate_for_recipe(recipe)
+        if model_type is not None:  # the same shape under another architecture's name
+            est = estimate(dataclasses.replace(est.arch, model_type=model_type), est.settings)
+        return next((t.bytes for t in est.terms if t.key == "dequantized"), 0)
+
+    a = arch(MISTRAL)
+    six = 2 * sum(fi * fo for name, (fi, fo) in a.linears.items() if name != "down_proj")
+    down = 2 * a.intermediate * a.hidden
+    assert kept_bytes() == six  # 304 MiB on Mistral-7B
+    assert kept_bytes(None, "training.recompute_down_proj=true") == six + down
+    assert kept_bytes("gemma") == six + down
+    assert kept_bytes(None, "training.keep_dequantized=false") == 0
+
+
 def test_packed_rows_under_flex_attention_build_no_mask() -> None:
     a = arch(LLAMA3)
     sdpa = estimate(a, settings(packing=True, gradient_checkpointing=False))
