@@ -112,6 +112,11 @@ def use_compiled_dequantization(model: torch.nn.Module) -> int:
     return count
 
 
+def routed(module: torch.nn.Module) -> bool:
+    """Whether `use_compiled_dequantization` routed this layer through `_forward`."""
+    return getattr(vars(module).get("forward"), "__func__", None) is _forward
+
+
 def keep_dequantized_in_recompute(layer: torch.nn.Module, deferred: torch.nn.Module | None) -> int:
     """Let the NF4 layers inside a checkpointed decoder layer save their dequantized weights for backward (all but
     `deferred`, which runs outside the checkpoint: it would keep its weight from forward to backward); returns how
@@ -119,7 +124,7 @@ def keep_dequantized_in_recompute(layer: torch.nn.Module, deferred: torch.nn.Mod
     this one layer until its backward has run, instead of dequantizing them again (`training.keep_dequantized`)."""
     count = 0
     for module in layer.modules():
-        if module is not deferred and getattr(vars(module).get("forward"), "__func__", None) is _forward:
+        if module is not deferred and routed(module):
             module.qlora_keep_dequantized = True
             count += 1
     return count
@@ -128,6 +133,6 @@ def keep_dequantized_in_recompute(layer: torch.nn.Module, deferred: torch.nn.Mod
 def use_bitsandbytes_forward(model: torch.nn.Module) -> None:
     """Undo `use_compiled_dequantization` (eager generation: bitsandbytes' kernels are faster for small batches)."""
     for module in model.modules():
-        if getattr(vars(module).get("forward"), "__func__", None) is _forward:
+        if routed(module):
             del module.forward
         vars(module).pop("qlora_keep_dequantized", None)
