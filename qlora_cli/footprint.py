@@ -245,7 +245,7 @@ class RunSettings:
     head_grad_in_forward: bool = False  # qlora's loss head (training.lm_head_grad_in_forward) instead of TRL's
     liger: bool = False  # Liger's RMSNorm, SwiGLU and RoPE kernels (training.use_liger_kernel)
     compiled: bool = False  # decoder layers compiled with torch.compile (training.compile_layers)
-    kept_weights: tuple[str, ...] = ()  # projections whose dequantized weights the recompute keeps for backward
+    keeps_dequantized: bool = False  # the recompute keeps its dequantized NF4 weights for backward
     # compiled layers run the MLP's output projection outside the checkpoint (when there is one) where the architecture
     # allows it (Architecture.defers_down_proj); its weight is then dequantized again in backward, not kept
     deferred_down_proj: bool = False
@@ -295,7 +295,6 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
     # (training.keep_dequantized); the down projection runs outside the checkpoint unless recompute_down_proj (or
     # DoRA, or an architecture qlora does not defer it for: estimate() decides that)
     keeps = compiled and t.compile_nf4 and t.keep_dequantized and recipe.quantization.load_in_4bit
-    kept = LINEAR_NAMES if keeps else ()
     deferred = compiled and not t.recompute_down_proj and not lora.use_dora
     return RunSettings(
         micro_batch=t.per_device_train_batch_size,
@@ -317,7 +316,7 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
         head_grad_in_forward=t.lm_head_grad_in_forward,
         liger=liger,
         compiled=compiled,
-        kept_weights=kept,
+        keeps_dequantized=keeps,
         deferred_down_proj=deferred,
         flex=resolve_attention(recipe, gpu) == "flex_attention",
         padding=padding,
@@ -592,8 +591,8 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
                           f"{n:,} tokens × {per_layer:,} B (one layer's activations per token, below)",
                           rough=not arch.exact_layout))
         deferred = s.deferred_down_proj and arch.defers_down_proj
-        kept = [name for name in s.kept_weights if name in arch.linears and not (deferred and name == "down_proj")]
-        if kept and s.load_in_4bit:
+        kept = [name for name in arch.linears if not (deferred and name == "down_proj")]
+        if s.keeps_dequantized and s.load_in_4bit:
             weights = sum(arch.linears[name][0] * arch.linears[name][1] for name in kept)
             terms.append(Term("dequantized", "dequantized weights kept by the recompute", b * weights,
                               f"{_count(weights)} weights ({len(kept)} projections of one layer) × {b} B "
