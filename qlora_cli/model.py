@@ -304,6 +304,7 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, recomput
 
 def uncompile_layers(model: torch.nn.Module) -> None:
     """Back to eager layers (generation with a KV cache would recompile for every new length)."""
+    from .lora_fold import use_peft_forward
     from .nf4 import use_bitsandbytes_forward
     from .recompute import undefer_projection
 
@@ -314,6 +315,7 @@ def uncompile_layers(model: torch.nn.Module) -> None:
             if call.deferred is not None:
                 undefer_projection(call.deferred)
         layer._compiled_call_impl = None
+    use_peft_forward(model)
     use_bitsandbytes_forward(model)  # bitsandbytes' own kernels are the fast ones for generation's small batches
 
 

@@ -59,14 +59,17 @@ def state_parts(quant_state: Any) -> tuple[torch.Tensor, ...]:
     return quant_state.absmax, quant_state.code
 
 
-def _weight(packed, parts, blocksize, shape, blocksize2, dtype) -> torch.Tensor:
+def _weight(packed, parts, blocksize, shape, blocksize2, dtype, then=None, *extra) -> torch.Tensor:
     absmax, code, *nested = parts
     absmax2, code2, offset = nested if nested else (None, None, None)
-    return dequantize(packed, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
+    weight = dequantize(packed, absmax, code, blocksize, shape, dtype, absmax2, code2, offset, blocksize2)
+    return weight if then is None else then(weight, *extra)
 
 
-def _forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`bnb.nn.Linear4bit.forward` with the weight dequantized in torch ops.
+def dequantized_weight(module: torch.nn.Module, dtype: torch.dtype, then: Any = None, *extra: torch.Tensor
+                       ) -> torch.Tensor:
+    """The NF4 layer's weight in `dtype`, passed through `then(weight, *extra)` when given (qlora_cli/lora_fold.py
+    appends LoRA's B to it), in torch ops.
 
     The dequantization runs under `checkpoint`: in the compiled graph that marks it "recompute", so backward
     dequantizes again from the packed weight (as bitsandbytes does) instead of keeping the 16-bit weight of all
@@ -74,15 +77,20 @@ def _forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     that are themselves checkpointed keep it (`keep_dequantized_in_recompute`): their first pass saves nothing,
     and their recompute keeps one layer's weights until that layer's backward.
     """
-    state = self.weight.quant_state
+    state = module.weight.quant_state
+    blocksize2 = state.state2.blocksize if state.nested else 256
+    args = (module.weight.data, state_parts(state), state.blocksize, tuple(state.shape), blocksize2, dtype, then,
+            *extra)
+    if getattr(module, "qlora_keep_dequantized", False):
+        return _weight(*args)
+    return checkpoint(_weight, *args, use_reentrant=False)
+
+
+def _forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`bnb.nn.Linear4bit.forward` with the weight dequantized in torch ops (`dequantized_weight`)."""
     input_dtype = x.dtype
     dtype = self.compute_dtype or x.dtype
-    blocksize2 = state.state2.blocksize if state.nested else 256
-    args = (self.weight.data, state_parts(state), state.blocksize, tuple(state.shape), blocksize2, dtype)
-    if getattr(self, "qlora_keep_dequantized", False):
-        weight = _weight(*args)
-    else:
-        weight = checkpoint(_weight, *args, use_reentrant=False)
+    weight = dequantized_weight(self, dtype)
     bias = None if self.bias is None else self.bias.to(dtype)
     return F.linear(x.to(dtype), weight, bias).to(input_dtype)
 

@@ -186,6 +186,12 @@ class TrainingConfig:
         "Llama-3-8B: +1.1 % tokens/s, +0.29 GB peak (docs/performance.md, twelfth session). false = dequantize "
         "again in backward, as bitsandbytes does.",
     )
+    fold_lora_b: bool = _f(
+        False, help="With compiled NF4 layers, compute each wide projection (at least twice as many outputs as "
+        "inputs: the MLP's gate and up) as one matrix product [x | A(x)] @ [W | s·B]^T instead of peft's two products "
+        "and a sum, so LoRA's full-size output is never written and read back (qlora_cli/lora_fold.py); plain LoRA "
+        "only. Same loss and gradients up to rounding; its speed on a GPU is not measured yet.",
+    )
     fused_lora_dropout: bool | Literal["auto"] = _f(
         "auto", help="Apply LoRA dropout inside the product with A (Triton kernels on CUDA, a mask regenerated from "
         "a seed in backward) instead of writing the dropped-out input and a mask for each projection; plain LoRA "

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .lora_fold import folded
+
 
 def checkpoint_around(layer: torch.nn.Module, deferred: torch.nn.Module | None = None, **compile_kwargs: Any) -> None:
     """Take the layer's gradient checkpoint around its compiled call, not inside the compiled graph.
@@ -75,8 +77,8 @@ def deferrable_projection(layer: torch.nn.Module) -> torch.nn.Module | None:
     if type(layer).__name__ not in SUMMED_LAST_PROJECTION:
         return None
     down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-    if getattr(down, "lora_variant", None) or any(getattr(down, "use_dora", {}).values()):
-        return None
+    if getattr(down, "lora_variant", None) or any(getattr(down, "use_dora", {}).values()) or folded(down):
+        return None  # a folded layer (qlora_cli/lora_fold.py) computes its frozen product together with B's
     base = down.get_base_layer() if hasattr(down, "get_base_layer") else down
     if not isinstance(base, torch.nn.Linear) or any(p.requires_grad for p in base.parameters()):
         return None

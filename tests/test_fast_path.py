@@ -613,6 +613,84 @@ def test_fused_lora_dropout_in_compiled_layers_recomputes_the_same_masks_under_c
         assert ((a - grads_ckpt[name]).norm() / a.norm()).item() < 1e-4, name
 
 
+# `training.fold_lora_b` (qlora_cli/lora_fold.py): LoRA's B product inside the frozen projection's product.
+
+
+@pytest.mark.parametrize(("keep", "dropout"), [(False, 0.0), (True, 0.3)])
+def test_lora_b_folded_into_the_frozen_product_gives_the_same_loss_and_gradients(tmp_path: Path, examples,
+                                                                                 keep: bool, dropout: float) -> None:
+    """With `training.fold_lora_b` the gate and up projections (704 outputs from 256 inputs here; q, k, v, o and
+    down are not twice as wide out as in) compute `base(x) + B(A(x)) · s` as one product `[x | A(x)] @ [W | s·B]^T`.
+    Compiled as training compiles them (NF4 in the graph, checkpointed layers whose recompute keeps its weights or
+    not, the fused dropout or none), the same loss and gradients as peft's forward (fp32); `uncompile_layers` gives
+    peft's forward back."""
+    from qlora_cli.lora_fold import folded, use_folded_lora
+    from qlora_cli.model import compile_layers, uncompile_layers
+    from qlora_cli.nf4 import use_compiled_dequantization
+
+    _, tokenizer, rows = examples
+    batch = packed_batch(tokenizer, rows)
+    recipe = demo_recipe(tmp_path, f"lora.lora_dropout={dropout}", "training.gradient_checkpointing=true")
+    results = {}
+    for fold in (False, True):
+        model = fused_dropout_model(recipe) if dropout else lora_model(recipe, compiled=False, precision="fp32")
+        assert use_compiled_dequantization(model) == 14
+        if fold:
+            assert use_folded_lora(model) == 4
+            assert sorted({n.split(".")[-1] for n, m in model.named_modules() if folded(m)}) == ["gate_proj", "up_proj"]
+        torch._dynamo.reset()
+        assert compile_layers(model, backend=compile_backend(), keep_dequantized=keep, fullgraph=True) == 2
+        results[fold] = seeded_step(model, batch)
+        if fold:
+            uncompile_layers(model)
+            assert not any(folded(m) for m in model.modules())
+    (loss, grads), (folded_loss, folded_grads) = results[False], results[True]
+    assert folded_loss == pytest.approx(loss, rel=1e-6)
+    assert folded_grads.keys() == grads.keys() and len(grads) == 28
+    for name, a in grads.items():
+        assert ((folded_grads[name] - a).norm() / a.norm()).item() < 1e-5, name
+
+
+def test_the_folded_product_neither_keeps_nor_takes_a_gradient_for_the_frozen_weight(tmp_path: Path,
+                                                                                     examples) -> None:
+    """The folded weight `[W | s·B]` is built from a detached B: backward computes B's gradient as `s · g^T h`
+    and no product of the frozen weight's shape, and (no checkpointing, the recompute not keeping weights) the
+    forward graph hands backward neither W nor `[W | s·B]`: backward dequantizes again, as for unfolded layers."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from qlora_cli.lora_fold import use_folded_lora
+    from qlora_cli.model import compile_layers
+    from qlora_cli.nf4 import use_compiled_dequantization
+
+    _, tokenizer, rows = examples
+    batch = packed_batch(tokenizer, rows)
+    recipe = demo_recipe(tmp_path, "lora.lora_dropout=0", "training.gradient_checkpointing=false")
+    model = lora_model(recipe, compiled=False, precision="fp32")
+    assert use_compiled_dequantization(model) == 14
+    assert use_folded_lora(model) == 4
+    rank = recipe.lora.r
+    frozen = {(704, 256), (704, 256 + rank)}  # W and [W | s·B] of the gate and up projections
+    saved: list[tuple[int, ...]] = []
+    products: list[tuple[int, ...]] = []
+
+    def backward(gm: torch.fx.GraphModule, example_inputs, saved=saved):
+        saved.extend(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor))
+        products.extend(tuple(n.meta["val"].shape) for n in gm.graph.nodes
+                        if n.op == "call_function" and n.target in (torch.ops.aten.mm.default,))
+        return gm
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=backward,
+                           partition_fn=min_cut_rematerialization_partition)
+    assert compile_layers(model, backend=backend) == 2
+    seeded_step(model, batch)
+    assert (704, rank) in products  # B's gradient
+    assert (batch["input_ids"].numel(), 256 + rank) in products  # x's and h's gradients from one product
+    assert not frozen & set(products), frozen & set(products)
+    assert not frozen & set(saved), frozen & set(saved)
+
+
 # `training.lm_head_grad_in_forward` (qlora_cli/lm_head.py): the loss head's input gradient taken in forward.
 def _heads(h, w, t, *, bias=None, temperature=1.0, logit_scale=1.0, outputs=("log_probs", "entropy", "is_top1")):
     """TRL's chunked head and qlora's on the same inputs: (log-probs, entropy, top-1, d hidden) of each."""

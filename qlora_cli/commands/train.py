@@ -19,6 +19,7 @@ from .. import data as datamod
 from ..errors import UserError
 from ..lm_head import EVERY_POSITION_SHARE, gradient_in_forward
 from ..lora_dropout import FusedDropoutLinear, resolve_fused_lora_dropout, use_fused_lora_dropout
+from ..lora_fold import folded, use_folded_lora
 from ..model import (
     Device,
     check_target_modules,
@@ -189,7 +190,8 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
     """What the trainer's (PEFT-wrapped) model gets before training: adapters in the recipe's dtype, LoRA dropout
     inside the A projections where `training.fused_lora_dropout` says so (qlora_cli/lora_dropout.py), and the
     decoder layers compiled where `training.compile_layers` says so, their NF4 weights dequantized inside the
-    compiled graph (`training.compile_nf4`, qlora_cli/nf4.py); returns how many layers were compiled.
+    compiled graph (`training.compile_nf4`, qlora_cli/nf4.py), wide projections folded with their LoRA B where
+    `training.fold_lora_b` says so (qlora_cli/lora_fold.py); returns how many layers were compiled.
 
     Packed rows have one length (`shape_args`), so the layers are compiled for it; unpacked batches vary in
     length, so the layers are compiled for any length from the start (one compile instead of a static one and
@@ -204,6 +206,8 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
         return 0
     if recipe.training.compile_nf4:
         use_compiled_dequantization(model)
+        if recipe.training.fold_lora_b:
+            use_folded_lora(model)
     return compile_layers(model, dynamic=None if recipe.data.packing else True,
                           recompute_down_proj=recipe.training.recompute_down_proj,
                           keep_dequantized=recipe.training.keep_dequantized)  # acts on compile_nf4's layers only
@@ -645,6 +649,13 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         console.print("[yellow]training.fused_lora_dropout is on but no LoRA layer qualifies (it needs "
                       "lora.lora_dropout > 0, plain LoRA, and on CUDA bfloat16 adapters); training with peft's "
                       "dropout[/yellow]")
+    folds = sum(folded(m) for m in trainer.model.modules())
+    if folds:
+        console.print(f"LoRA's B product inside the frozen product of {folds} wide projections (training.fold_lora_b)")
+    elif recipe.training.fold_lora_b:
+        console.print("[yellow]training.fold_lora_b is on but no LoRA layer qualifies (it needs compiled layers with "
+                      "NF4 in the graph, plain LoRA, adapters in the compute dtype and projections at least twice as "
+                      "wide out as in); training with peft's forward[/yellow]")
     t1 = time.perf_counter()
     stats = prepared.train_stats
     labelled = stats.loss_tokens / max(1, sum(min(n, recipe.data.max_length) for n in stats.lengths))
