@@ -64,6 +64,11 @@
 #     # variant: mode ah's figures moved with the GPU's clocks); Llama-3-8B qlora without and with the forward tiles
 #     # (training.flex_tiles, removed after this run showed no gain: run at commit bf3d371), 30 warm-up and 30 timed
 #     # steps each
+#   bash docs/bench/issue14-gpu.sh aj  # not run yet (fourteenth session, no GPU lent): LoRA's B folded into the frozen
+#     # product (training.fold_lora_b): one 7-8B MLP alone (scripts/bench_lora_fold.py), then Llama-3-8B qlora
+#     # without and with it, 30 warm-up and 30 timed steps each (~6.5 min)
+#   bash docs/bench/issue14-gpu.sh ak  # not run yet: Llama-3-8B baseline vs qlora with training.fold_lora_b (as mode x)
+#   bash docs/bench/issue14-gpu.sh al  # not run yet: the same for Mistral-7B (as mode y)
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
 #     # timed steps, without and with gc.freeze() after the first step (training.freeze_gc). The figures on file
 #     # (mistral7b-log10-gc*-h200.json) ran before freeze_gc existed, as `qlora` and `qlora --gc-freeze` (the flag
@@ -245,6 +250,16 @@ elif [ "$1" = ai ]; then
   python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
     --variants "qlora-training.flex_tiles=false,qlora" --out "$OUT/llama3-8b-warm30-tiles-h200.json" \
     2>&1 | tee "$OUT/llama3-8b-tiles.log"
+elif [ "$1" = aj ]; then
+  python3 scripts/bench_lora_fold.py --json "$OUT/lora-fold-h200.json" 2>&1 | tee "$OUT/lora-fold.txt"
+  python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
+    --variants "qlora,qlora-training.fold_lora_b=true" --out "$OUT/llama3-8b-warm30-fold-ab-h200.json" \
+    2>&1 | tee "$OUT/llama3-8b-fold-ab.log"
+elif [ "$1" = ak ] || [ "$1" = al ]; then
+  shape=$([ "$1" = ak ] && echo llama3-8b || echo mistral7b)
+  python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
+    --variants "baseline,qlora-training.fold_lora_b=true" --out "$OUT/$shape-warm30-fold-h200.json" \
+    2>&1 | tee "$OUT/$shape-warm30-fold.log"
 elif [ "$1" = x ] || [ "$1" = y ]; then
   shape=$([ "$1" = x ] && echo llama3-8b || echo mistral7b)
   python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
