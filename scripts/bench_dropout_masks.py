@@ -2,7 +2,7 @@
 sessions).
 
 This script times the forward kernel (`dropout(x) @ A.T`) and the input-gradient kernel (`(dh @ A) * mask`) of
-`qlora_cli/triton_lora.py`'s design with four ways of making the mask, each at its fastest tile of a few
+`qlora_cli/triton_lora.py`'s design with five ways of making the mask, each at its fastest tile of a few
 candidates, against cuBLAS's products without dropout:
 
 - philox10: the kernels' mask until the twelfth session (Philox, `tl.randint4x`, 10 rounds, one call per 8 inputs,
@@ -10,7 +10,9 @@ candidates, against cuBLAS's products without dropout:
 - philox7: the same with 7 rounds;
 - hash: the kernels' mask now (`triton_lora._keep`: one 32-bit integer hash of each input's index, keyed per row
   by the seed);
-- none: no mask (the floor of the kernel as written).
+- none: no mask (the floor of the kernel as written);
+- hash2: one hash for two neighbouring inputs, the first taking its top 16 bits and the second its low 16 bits
+  (half the hashing of `hash`; not used by the kernels: timed here to see whether it is worth checking its masks).
 
     python scripts/bench_dropout_masks.py            # on a CUDA GPU, ~20 s
 
@@ -30,8 +32,9 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qlora_cli.triton_lora import _keep as keep_hash  # noqa: E402
+from qlora_cli.triton_lora import _mix  # noqa: E402
 
-MASKS = ["philox10", "philox7", "hash", "none"]
+MASKS = ["philox10", "philox7", "hash", "none", "hash2"]
 FORWARD = [(16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3),
            (64, 128, 8, 4), (64, 256, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 512, 8, 3), (128, 256, 8, 3)]
 GRAD_INPUT = [(32, 128, 4, 2), (32, 256, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (64, 256, 8, 2), (128, 64, 4, 2),
@@ -52,6 +55,12 @@ def _keep(seed, threshold, rows, k0, K, BK: tl.constexpr, MODE: tl.constexpr):
         return tl.interleave(low, high) >= threshold
     elif MODE == 2:
         return keep_hash(seed, threshold, rows, k0, K, BK)
+    elif MODE == 4:  # K even: pair j of a row covers its columns 2j and 2j + 1
+        pairs = (k0 // 2 + tl.arange(0, BK // 2)).to(tl.uint32)
+        base = rows.to(tl.int64) * (K // 2)
+        key = _mix((base >> 32).to(tl.uint32) ^ _mix((seed ^ 0x9E3779B9).to(tl.uint32)))
+        h = _mix((base.to(tl.uint32)[:, None] + pairs[None, :]) ^ key[:, None])
+        return tl.interleave((h >> 16).to(tl.int32), (h & 0xFFFF).to(tl.int32)) >= threshold
     else:
         cols = k0 + tl.arange(0, BK)
         return (rows[:, None] + cols[None, :]) >= 0
