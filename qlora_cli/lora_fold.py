@@ -93,7 +93,7 @@ def foldable(module: nn.Module) -> bool:
 
 def folded(module: nn.Module) -> bool:
     """Whether `use_folded_lora` routed this LoRA layer through the folded product."""
-    return getattr(vars(module).get("forward"), "__func__", None) is _folded_forward
+    return getattr(getattr(module, "__dict__", {}).get("forward"), "__func__", None) is _folded_forward
 
 
 def use_folded_lora(model: nn.Module) -> int:
