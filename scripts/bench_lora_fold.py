@@ -3,9 +3,10 @@
 
 The MLP is `down(silu(gate(x)) * up(x))`, each projection a bitsandbytes NF4 `Linear4bit` under a peft LoRA adapter
 (r 16, alpha 32, the fused LoRA dropout at the recipes' 0.05; `--dropout 0` for none), adapters in bfloat16, NF4
-dequantized inside the compiled graph (qlora_cli/nf4.py). Folded, the gate and up projections compute
-`[x | A(x)] @ [W | s·B]^T` in one product. Each variant's outputs and gradients are checked against the unfolded
-ones before timing; the variants are timed in turn, `--rounds` times, after `--warmup-s` seconds of calls each.
+dequantized inside the compiled graph (qlora_cli/nf4.py). Folded, the gate and up projections (in a whole layer q
+and o too) compute `[x | A(x)] @ [W | s·B]^T` in one product. Each variant's outputs and gradients are checked
+against the unfolded ones before timing; the variants are timed in turn, `--rounds` times, after `--warmup-s`
+seconds of calls each.
 
     python scripts/bench_lora_fold.py                                   # on a CUDA GPU: Llama-3-8B / Mistral-7B MLP
     python scripts/bench_lora_fold.py --device cpu --hidden 256 --intermediate 704 --rows 512   # a CPU dry run

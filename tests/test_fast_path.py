@@ -619,8 +619,9 @@ def test_fused_lora_dropout_in_compiled_layers_recomputes_the_same_masks_under_c
 @pytest.mark.parametrize(("keep", "dropout"), [(False, 0.0), (True, 0.3)])
 def test_lora_b_folded_into_the_frozen_product_gives_the_same_loss_and_gradients(tmp_path: Path, examples,
                                                                                  keep: bool, dropout: float) -> None:
-    """With `training.fold_lora_b` the gate and up projections (704 outputs from 256 inputs here; q, k, v, o and
-    down are not twice as wide out as in) compute `base(x) + B(A(x)) · s` as one product `[x | A(x)] @ [W | s·B]^T`.
+    """With `training.fold_lora_b` the projections with at least as many outputs as inputs (q and o, 256 -> 256
+    here, gate and up, 256 -> 704; not k, v and down) compute `base(x) + B(A(x)) · s` as one product
+    `[x | A(x)] @ [W | s·B]^T`.
     Compiled as training compiles them (NF4 in the graph, checkpointed layers whose recompute keeps its weights or
     not, the fused dropout or none), the same loss and gradients as peft's forward (fp32); `uncompile_layers` gives
     peft's forward back."""
@@ -636,8 +637,9 @@ def test_lora_b_folded_into_the_frozen_product_gives_the_same_loss_and_gradients
         model = fused_dropout_model(recipe) if dropout else lora_model(recipe, compiled=False, precision="fp32")
         assert use_compiled_dequantization(model) == 14
         if fold:
-            assert use_folded_lora(model) == 4
-            assert sorted({n.split(".")[-1] for n, m in model.named_modules() if folded(m)}) == ["gate_proj", "up_proj"]
+            assert use_folded_lora(model) == 8
+            assert sorted({n.split(".")[-1] for n, m in model.named_modules() if folded(m)}) == [
+                "gate_proj", "o_proj", "q_proj", "up_proj"]
         torch._dynamo.reset()
         assert compile_layers(model, backend=compile_backend(), keep_dequantized=keep, fullgraph=True) == 2
         results[fold] = seeded_step(model, batch)
@@ -668,9 +670,9 @@ def test_the_folded_product_neither_keeps_nor_takes_a_gradient_for_the_frozen_we
     recipe = demo_recipe(tmp_path, "lora.lora_dropout=0", "training.gradient_checkpointing=false")
     model = lora_model(recipe, compiled=False, precision="fp32")
     assert use_compiled_dequantization(model) == 14
-    assert use_folded_lora(model) == 4
+    assert use_folded_lora(model) == 8
     rank = recipe.lora.r
-    frozen = {(704, 256), (704, 256 + rank)}  # W and [W | s·B] of the gate and up projections
+    frozen = {(704, 256), (704, 256 + rank), (256, 256), (256, 256 + rank)}  # W and [W | s·B]: gate/up, q/o
     saved: list[tuple[int, ...]] = []
     products: list[tuple[int, ...]] = []
 

@@ -249,8 +249,8 @@ def test_a_recipe_with_fused_lora_dropout_trains_like_peft_dropout_and_saves_the
 
 def test_a_recipe_folding_lora_b_into_the_frozen_product_trains_like_peft_and_saves_the_same_adapter(
         tmp_path: Path) -> None:
-    """`training.fold_lora_b` with compiled layers: the run folds the gate and up projections of both layers, says
-    so, compiles as many graphs, logs the losses of the same run without it and saves an adapter with the same
+    """`training.fold_lora_b` with compiled layers: the run folds the q, o, gate and up projections of both layers,
+    says so, compiles as many graphs, logs the losses of the same run without it and saves an adapter with the same
     weight names; without compiled layers nothing qualifies and the run says that it trains with peft's forward."""
     import torch
     from rich.console import Console
@@ -266,7 +266,7 @@ def test_a_recipe_folding_lora_b_into_the_frozen_product_trains_like_peft_and_sa
         runs[fold], printed[fold] = RunDir(tmp_path / str(fold) / "run"), console.export_text()
         compiles[fold] = summary["compiles"]
     assert compiles[True] == compiles[False] > 0  # the folded layers compile once too
-    assert "LoRA's B product inside the frozen product of 4 wide projections" in printed[True]
+    assert "LoRA's B product inside the frozen product of 8 projections" in printed[True]
     assert "fold_lora_b" not in printed[False]
     losses = {f: [json.loads(x)["loss"] for x in r.metrics.read_text().splitlines() if '"loss"' in x]
               for f, r in runs.items()}

@@ -190,7 +190,7 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
     """What the trainer's (PEFT-wrapped) model gets before training: adapters in the recipe's dtype, LoRA dropout
     inside the A projections where `training.fused_lora_dropout` says so (qlora_cli/lora_dropout.py), and the
     decoder layers compiled where `training.compile_layers` says so, their NF4 weights dequantized inside the
-    compiled graph (`training.compile_nf4`, qlora_cli/nf4.py), wide projections folded with their LoRA B where
+    compiled graph (`training.compile_nf4`, qlora_cli/nf4.py), projections folded with their LoRA B where
     `training.fold_lora_b` says so (qlora_cli/lora_fold.py); returns how many layers were compiled.
 
     Packed rows have one length (`shape_args`), so the layers are compiled for it; unpacked batches vary in
@@ -651,11 +651,11 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
                       "dropout[/yellow]")
     folds = sum(folded(m) for m in trainer.model.modules())
     if folds:
-        console.print(f"LoRA's B product inside the frozen product of {folds} wide projections (training.fold_lora_b)")
+        console.print(f"LoRA's B product inside the frozen product of {folds} projections (training.fold_lora_b)")
     elif recipe.training.fold_lora_b:
         console.print("[yellow]training.fold_lora_b is on but no LoRA layer qualifies (it needs compiled layers with "
-                      "NF4 in the graph, plain LoRA, adapters in the compute dtype and projections at least twice as "
-                      "wide out as in); training with peft's forward[/yellow]")
+                      "NF4 in the graph, plain LoRA, adapters in the compute dtype and projections with at least as "
+                      "many outputs as inputs); training with peft's forward[/yellow]")
     t1 = time.perf_counter()
     stats = prepared.train_stats
     labelled = stats.loss_tokens / max(1, sum(min(n, recipe.data.max_length) for n in stats.lengths))
