@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .nf4 import dequantized_weight, routed, routed_through
+
 MIN_WIDENING = 1
 """A projection is folded when out_features >= MIN_WIDENING × in_features (see the module docstring)."""
 
@@ -58,16 +60,15 @@ def _folded_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any)
     names = self.active_adapters
     if args or kwargs or self.disable_adapters or self.merged or len(names) != 1 or names[0] not in self.lora_A:
         return type(self).forward(self, x, *args, **kwargs)
-    from .nf4 import dequantized_weight
-
     name = names[0]
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     dtype = lora_b.weight.dtype
     scaling = self.scaling[name]
-    h = lora_a(self.lora_dropout[name](x.to(dtype)))
+    cast = x.to(dtype)
+    h = lora_a(self.lora_dropout[name](cast))
     folded = dequantized_weight(self.base_layer, dtype, _append, lora_b.weight.detach() * scaling)
-    out = _FoldedProduct.apply(x.reshape(-1, x.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1]), folded,
-                               lora_b.weight, scaling)
+    out = _FoldedProduct.apply(cast.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1]), folded, lora_b.weight,
+                               scaling)
     return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
 
@@ -75,8 +76,6 @@ def foldable(module: nn.Module) -> bool:
     """A peft LoRA layer on a compiled-NF4 linear layer (qlora_cli/nf4.py) that `use_folded_lora` can fold: one
     plain adapter, no bias, adapters in the layer's compute dtype, at least `MIN_WIDENING` times as many outputs as
     inputs."""
-    from .nf4 import routed
-
     lora_a, lora_b = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
     if not isinstance(lora_a, nn.ModuleDict) or len(lora_a) != 1 or base is None or not routed(base):
@@ -94,7 +93,7 @@ def foldable(module: nn.Module) -> bool:
 
 def folded(module: nn.Module) -> bool:
     """Whether `use_folded_lora` routed this LoRA layer through the folded product."""
-    return getattr(getattr(module, "__dict__", {}).get("forward"), "__func__", None) is _folded_forward
+    return routed_through(module, _folded_forward)
 
 
 def use_folded_lora(model: nn.Module) -> int:

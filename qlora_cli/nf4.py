@@ -120,9 +120,15 @@ def use_compiled_dequantization(model: torch.nn.Module) -> int:
     return count
 
 
+def routed_through(module: Any, function: Any) -> bool:
+    """Whether the module's own `forward` attribute is `function` bound to it (how qlora reroutes a layer's forward
+    here and in qlora_cli/lora_fold.py); False for anything else, None included."""
+    return getattr(getattr(module, "__dict__", {}).get("forward"), "__func__", None) is function
+
+
 def routed(module: torch.nn.Module) -> bool:
     """Whether `use_compiled_dequantization` routed this layer through `_forward`."""
-    return getattr(vars(module).get("forward"), "__func__", None) is _forward
+    return routed_through(module, _forward)
 
 
 def keep_dequantized_in_recompute(layer: torch.nn.Module, deferred: torch.nn.Module | None) -> int:
