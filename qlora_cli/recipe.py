@@ -190,7 +190,7 @@ class TrainingConfig:
         False, help="With compiled NF4 layers, compute each projection with at least as many outputs as inputs (q, "
         "o, gate and up) as one matrix product [x | A(x)] @ [W | s·B]^T instead of peft's two products and a sum, so "
         "LoRA's full-size output is never written and read back (qlora_cli/lora_fold.py); plain LoRA only. Same loss "
-        "and gradients up to rounding; 20 % fewer bytes through a layer by inductor's count, its speed on a GPU not "
+        "and gradients up to rounding; 19 % fewer bytes through a layer by inductor's count, its speed on a GPU not "
         "measured yet.",
     )
     fused_lora_dropout: bool | Literal["auto"] = _f(
