@@ -1,13 +1,16 @@
 """The optimizer step alone, on the LoRA adapter of a real shape (r=16 on the seven projections, bf16 weights):
 bitsandbytes' optimizer as transformers builds it for `training.optim` against qlora's subclass without
 bitsandbytes' wait after every parameter and, for paged states, without its prefetches and its wait at the end of
-the step (`without_per_parameter_sync` in qlora_cli/reliability.py).
+the step (`without_per_parameter_sync` in qlora_cli/reliability.py), tensor by tensor and (qlora's default for
+8-bit AdamW) with one blockwise call for all of a group's tensors (qlora_cli/flat_update.py).
 
     python scripts/bench_optimizer.py --shape mistral7b --steps 30            # on a CUDA GPU
+    python scripts/bench_optimizer.py --device cpu --steps 3 --warmup 1       # a dry run on the CPU
 
 Prints, per variant, the median wall time of a step on an idle GPU and of a step queued behind ~50 ms of other GPU
 work (as it is behind the backward pass's tail in training; that work's own time, measured in the same iteration,
-is subtracted), and whether both variants leave the same weights, bit for bit, after the same steps.
+is subtracted), the CPU time the queued step takes to return (what the GPU waits for at a step's end when the CPU
+is behind), and whether each variant leaves bitsandbytes' weights, bit for bit, after the same steps.
 """
 
 from __future__ import annotations
@@ -63,33 +66,47 @@ def work(device: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     return a, b, 100 if device == "cuda" else 1
 
 
-def run(optim: str, unsynced: bool, a: argparse.Namespace) -> dict:
+def run(optim: str, variant: str, a: argparse.Namespace) -> dict:
+    from qlora_cli import flat_update
+
     params = adapter(a.shape, a.rank, 0, a.device)
-    opt = build(optim, params, unsynced)
-    x, w, n = work(a.device)
-    alone, behind, busy = [], [], []
-    for i in range(a.warmup + a.steps):
-        sync(a.device)
-        t0 = time.perf_counter()
-        for _ in range(n):  # the other work alone
-            x @ w
-        sync(a.device)
-        t1 = time.perf_counter()
-        opt.step()  # the step alone
-        sync(a.device)
-        t2 = time.perf_counter()
-        for _ in range(n):  # the step queued behind the same work
-            x @ w
-        opt.step()
-        sync(a.device)
-        t3 = time.perf_counter()
-        if i >= a.warmup:
-            busy.append(t1 - t0)
-            alone.append(t2 - t1)
-            behind.append(t3 - t2 - (t1 - t0))
+    opt = build(optim, params, variant != "bitsandbytes")
+    flat, devices = flat_update.uses_flat_update, flat_update.DEVICES
+    if variant == "per-tensor":
+        flat_update.uses_flat_update = lambda optimizer: False
+    elif variant == "flat":
+        flat_update.DEVICES = (a.device,)  # CUDA's default; on the CPU (a dry run) too
+    try:
+        x, w, n = work(a.device)
+        alone, behind, busy, cpu = [], [], [], []
+        for i in range(a.warmup + a.steps):
+            sync(a.device)
+            t0 = time.perf_counter()
+            for _ in range(n):  # the other work alone
+                x @ w
+            sync(a.device)
+            t1 = time.perf_counter()
+            opt.step()  # the step alone
+            sync(a.device)
+            t2 = time.perf_counter()
+            for _ in range(n):  # the step queued behind the same work
+                x @ w
+            t_queued = time.perf_counter()
+            opt.step()
+            t_returned = time.perf_counter()
+            sync(a.device)
+            t3 = time.perf_counter()
+            if i >= a.warmup:
+                busy.append(t1 - t0)
+                alone.append(t2 - t1)
+                behind.append(t3 - t2 - (t1 - t0))
+                cpu.append(t_returned - t_queued)
+    finally:
+        flat_update.uses_flat_update, flat_update.DEVICES = flat, devices
     return {"alone_ms": 1e3 * statistics.median(alone), "behind_ms": 1e3 * statistics.median(behind),
-            "busy_ms": 1e3 * statistics.median(busy), "weights": [p.detach().clone() for p in params],
-            "tensors": len(params)}
+            "busy_ms": 1e3 * statistics.median(busy), "cpu_ms": 1e3 * statistics.median(cpu),
+            "weights": [p.detach().clone() for p in params], "tensors": len(params),
+            "calls": "one a group" if getattr(opt, "qlora_flat", None) else "one a tensor"}
 
 
 def main() -> None:
@@ -103,14 +120,18 @@ def main() -> None:
     a = p.parse_args()
     name = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
     print(f"{name}, {a.shape} adapter r={a.rank}, {a.steps} timed steps after {a.warmup}")
-    print(f"{'optim':<18}{'variant':<34}{'tensors':>8}{'alone ms':>10}{'behind ms':>11}{'same weights':>14}")
+    print(f"{'optim':<18}{'variant':<38}{'tensors':>8}{'updates':>14}{'alone ms':>10}{'behind ms':>11}"
+          f"{'CPU ms':>8}{'same weights':>14}")
+    labels = {"bitsandbytes": "bitsandbytes' step", "per-tensor": "qlora's: no waits, no prefetches",
+              "flat": "qlora's, one call a group (CUDA default)"}
     for optim in a.optim.split(","):
-        ref = run(optim, False, a)
-        new = run(optim, True, a)
-        same = all(torch.equal(x, y) for x, y in zip(ref["weights"], new["weights"]))
-        for label, r in (("bitsandbytes' step", ref), ("qlora's: no waits, no prefetches", new)):
-            print(f"{optim:<18}{label:<34}{r['tensors']:>8}{r['alone_ms']:>10.2f}{r['behind_ms']:>11.2f}"
-                  f"{str(same):>14}")
+        ref = None
+        for variant, label in labels.items():
+            r = run(optim, variant, a)
+            ref = ref or r
+            same = all(torch.equal(x, y) for x, y in zip(ref["weights"], r["weights"]))
+            print(f"{optim:<18}{label:<38}{r['tensors']:>8}{r['calls']:>14}{r['alone_ms']:>10.2f}"
+                  f"{r['behind_ms']:>11.2f}{r['cpu_ms']:>8.2f}{str(same):>14}", flush=True)
     print(f"behind: the step queued after {ref['busy_ms']:.1f} ms of matrix products (median), that time subtracted "
           "(measured in the same iteration)")
 

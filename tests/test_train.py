@@ -415,6 +415,69 @@ def test_bitsandbytes_optimizers_step_like_bitsandbytes_without_waiting_after_ea
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))
 
 
+def test_8bit_adamw_updates_a_whole_group_with_one_call_bit_for_bit_and_resumes_from_its_state_dict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 8-bit AdamW states, qlora's step updates a parameter group whose tensors are whole 256-element blocks
+    with one bitsandbytes call over the tensors laid end to end (qlora_cli/flat_update.py): the weights and the
+    8-bit states equal bitsandbytes' own per-tensor step bit for bit, each tensor's state is a view into the
+    group's buffers, and a state dict saved after two steps and loaded into a new optimizer continues the same
+    way. Tensors that are not whole blocks, or small enough for 32-bit states, update one by one as before. (On
+    CUDA only by default: the CPU's update is faster tensor by tensor; here it runs on the CPU's kernels.)"""
+    import torch
+    from transformers import TrainingArguments
+
+    from qlora_cli import flat_update
+    from qlora_cli.reliability import atomic_checkpoint_trainer
+
+    monkeypatch.setattr(flat_update, "DEVICES", ("cuda", "cpu"))
+
+    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit", learning_rate=1e-2,
+                             weight_decay=0.1, report_to="none")
+    ours, kwargs = atomic_checkpoint_trainer().get_optimizer_cls_and_kwargs(args)
+    theirs = ours.__mro__[1]
+    shapes = ((16, 4096), (4096, 16), (16, 14336), (1024, 16), (16, 1024))  # a 7-8B adapter's, fewer
+
+    def run(cls: type, steps: int, shapes=shapes, reload_after: int | None = None):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.bfloat16)) for s in shapes]
+        opt = cls(params, **kwargs)
+        for step in range(steps):
+            if step == reload_after:
+                torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+                opt = cls(params, **kwargs)
+                opt.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=False))
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.bfloat16)
+            opt.step()
+        states = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+        return opt, [p.detach().clone() for p in params], states
+
+    opt, w_ours, s_ours = run(ours, 4)
+    _, w_theirs, s_theirs = run(theirs, 4)
+    assert all(torch.equal(a, b) for a, b in zip(w_ours, w_theirs))
+    assert len(s_ours) == len(s_theirs) == 6 * len(shapes)  # state1, qmap1, state2, qmap2, absmax1, absmax2
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(s_ours, s_theirs))
+    (flat,) = opt.qlora_flat.values()  # one group, one buffer each
+    assert flat.state1.numel() == sum(a * b for a, b in shapes)
+    assert all(opt.state[p]["state1"].untyped_storage().data_ptr() == flat.state1.untyped_storage().data_ptr()
+               for p in flat.params)
+    assert {opt.state[p]["step"] for p in flat.params} == {4}
+
+    opt, w_resumed, s_resumed = run(ours, 4, reload_after=2)
+    assert all(torch.equal(a, b) for a, b in zip(w_resumed, w_theirs))
+    assert all(torch.equal(a, b) for a, b in zip(s_resumed, s_theirs))
+    assert len(opt.qlora_flat) == 1  # the loaded states were laid end to end again
+
+    # 4,800 elements: 8-bit state, not whole blocks; 3,200: a 32-bit state (below 4,096 elements)
+    odd = (*shapes, (16, 300), (16, 200))
+    opt, w_odd, s_odd = run(ours, 3, shapes=odd)
+    _, w_odd_theirs, s_odd_theirs = run(theirs, 3, shapes=odd)
+    assert all(torch.equal(a, b) for a, b in zip(w_odd, w_odd_theirs))
+    assert len(s_odd) == len(s_odd_theirs) and all(torch.equal(a, b) for a, b in zip(s_odd, s_odd_theirs))
+    (flat,) = opt.qlora_flat.values()
+    assert [tuple(p.shape) for p in flat.params] == list(shapes)  # the other two updated one by one
+
+
 def test_steady_tokens_per_s_leaves_out_warm_up_compiles_evaluations_and_saves() -> None:
     clock = StepClock()
     assert clock.add(40.0, 8000, compiled=3, first=True, eval_or_save=False) == "warm-up"  # first step compiles

@@ -1,0 +1,156 @@
+"""One 8-bit AdamW update call for all of a parameter group's adapter tensors, instead of one call per tensor.
+
+bitsandbytes' 8-bit optimizers update each tensor with its own call (`Optimizer2State.update_step`): for a 7-8B
+model's r=16 adapter on its seven projections, 448 calls a step, each building its config dict, making the weight
+and gradient contiguous and dispatching one kernel. On the CPU that is most of what the optimizer step costs, and at
+the end of a step the CPU's work is what the GPU waits for (docs/performance.md, eleventh session: ~10 ms idle at
+each step's start).
+
+The 8-bit update is blockwise: every block of 256 elements has its own scales (absmax) for its two states, and each
+element's update reads only its own weight, gradient and states. So where every tensor's size is a multiple of 256,
+one call over the tensors laid end to end computes the same weights and states, bit for bit, as the calls one by
+one. Here each of a group's states (state1, state2, absmax1, absmax2) is one buffer, paged like bitsandbytes' own
+for paged optimizers, and each tensor's state is a view into it: `state_dict()` / `load_state_dict()` keep
+bitsandbytes' per-tensor layout (a loaded state is copied into new buffers at the next step). A step gathers the
+gradients and the weights with one `torch.cat` each, makes one update call, and copies the weights back with one
+`torch._foreach_copy_`.
+
+Used by qlora's bitsandbytes optimizer step (`qlora_cli/reliability.py`, `without_per_parameter_sync`) for AdamW
+("adam") with 8-bit blockwise states and no per-parameter overrides. Tensors that are not whole blocks, too small
+for 8-bit states (bitsandbytes keeps 32-bit ones) or at another step than the rest update one by one as before; the
+per-tensor path works on the same views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+BLOCK = 256
+"""Elements per absmax block of bitsandbytes' 8-bit blockwise optimizer states."""
+
+DEVICES = ("cuda",)
+"""Where tensors are updated together. What it saves is kernel launches and their Python; on the CPU bitsandbytes'
+update is a dozen torch operations over float32 copies of the states, which for one 42M-element group run at half
+the speed of the per-tensor calls (their copies stay in the caches): `python scripts/bench_optimizer.py --device
+cpu` measured 1,024 ms a step against 524 for a Mistral-7B adapter."""
+
+
+@dataclass
+class FlatStates:
+    """A group's states in one buffer each, and the per-tensor views handed to bitsandbytes' state dict."""
+
+    params: tuple[torch.Tensor, ...]
+    state1: torch.Tensor
+    state2: torch.Tensor
+    absmax1: torch.Tensor
+    absmax2: torch.Tensor
+    views: tuple[torch.Tensor, ...]  # each tensor's state1 view: a state dict loaded since no longer holds them
+
+
+def uses_flat_update(optimizer: Any) -> bool:
+    """AdamW with 8-bit blockwise states and no per-parameter overrides (bitsandbytes' GlobalOptimManager)."""
+    args = optimizer.args
+    return (getattr(optimizer, "optimizer_name", None) == "adam" and args.optim_bits == 8 and not args.max_unorm > 0
+            and not optimizer.mng.index2config and not optimizer.mng.pid2config)
+
+
+def qualifies(optimizer: Any, p: torch.Tensor) -> bool:
+    """A plain tensor with a gradient of its own dtype, a whole number of 256-element blocks and large enough for
+    8-bit states (smaller tensors get 32-bit states)."""
+    g = p.grad
+    return (g is not None and type(p.detach()) is torch.Tensor and g.dtype == p.dtype and not p.numel() % BLOCK
+            and p.numel() >= optimizer.args.min_8bit_size)  # plain tensors: not FSDP2's sharded DTensors
+
+
+def _buffer(optimizer: Any, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros as bitsandbytes' `get_state_buffer` makes them: paged (CUDA managed memory) for paged optimizers on a
+    GPU from 1e5 elements, ordinary memory otherwise."""
+    if not optimizer.is_paged or device.type != "cuda" or n < 1e5:
+        return torch.zeros(n, dtype=dtype, device=device)
+    from bitsandbytes import functional as F
+
+    buff = F.get_paged(n, dtype=dtype, device=device)
+    F.fill(buff, 0)
+    optimizer.page_mng.paged_tensors.append(buff)
+    return buff
+
+
+def flat_states(optimizer: Any, params: list[torch.Tensor]) -> FlatStates | None:
+    """The group's states as one buffer each, made (or made again, after a state dict was loaded) so that every
+    tensor's state is a view into them; None where the tensors' steps differ (then they update one by one)."""
+    params_key = tuple(params)
+    flat = getattr(optimizer, "qlora_flat", {}).get(id(params[0]))
+    if (flat is not None and len(flat.params) == len(params) and all(a is b for a, b in zip(flat.params, params))
+            and all(optimizer.state[p].get("state1") is v for p, v in zip(params, flat.views))):
+        return flat
+    steps = {optimizer.state[p].get("step", 0) for p in params}
+    if len(steps) != 1:
+        return None
+    device = params[0].device
+    sizes = [p.numel() for p in params]
+    n = sum(sizes)
+    state1 = _buffer(optimizer, n, torch.uint8, device)
+    state2 = _buffer(optimizer, n, torch.uint8, device)
+    absmax1 = torch.zeros(n // BLOCK, dtype=torch.float32, device=device)
+    absmax2 = torch.zeros(n // BLOCK, dtype=torch.float32, device=device)
+    if "dynamic" not in optimizer.name2qmap:
+        optimizer.fill_qmap()
+    qmap1 = optimizer.name2qmap["dynamic"] = optimizer.name2qmap["dynamic"].to(device)
+    qmap2 = optimizer.name2qmap["udynamic"] = optimizer.name2qmap["udynamic"].to(device)
+    (step,) = steps
+    views, offset = [], 0
+    for p, size in zip(params, sizes):
+        state = optimizer.state[p]
+        state["step"] = step
+        blocks = slice(offset // BLOCK, (offset + size) // BLOCK)
+        # bitsandbytes' key order (init_state): step, state1, qmap1, state2, qmap2, absmax1, absmax2
+        for key, buffer, qmap in (("state1", state1, qmap1), ("state2", state2, qmap2), ("absmax1", absmax1, None),
+                                  ("absmax2", absmax2, None)):
+            view = buffer[blocks] if qmap is None else buffer[offset:offset + size].view(p.shape)
+            if getattr(buffer, "is_paged", False):  # bitsandbytes marks its paged tensors (CPU tensors to torch)
+                view.is_paged, view.page_deviceid = True, buffer.page_deviceid
+            if key in state:  # a state from earlier steps or a loaded checkpoint
+                view.copy_(state[key].reshape(view.shape))
+            state[key] = view
+            if qmap is not None:
+                state["q" + key.replace("state", "map")] = qmap
+        views.append(state["state1"])
+        offset += size
+    flat = FlatStates(params_key, state1, state2, absmax1, absmax2, tuple(views))
+    optimizer.qlora_flat = {**getattr(optimizer, "qlora_flat", {}), id(params[0]): flat}
+    return flat
+
+
+@torch.no_grad()
+def flat_update(optimizer: Any, gindex: int, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Update those of `params` (a group's tensors with gradients) that `qualifies` with one blockwise call, where
+    there are at least two of them on one device in one dtype at the same step; returns the tensors it updated
+    (the caller updates the others one by one)."""
+    from bitsandbytes import functional as F
+
+    if not uses_flat_update(optimizer):
+        return []
+    params = [p for p in params if qualifies(optimizer, p)]
+    if len(params) < 2 or len({(p.device, p.dtype) for p in params}) != 1 or params[0].device.type not in DEVICES:
+        return []
+    flat = flat_states(optimizer, params)
+    if flat is None:
+        return []
+    config = optimizer.get_config(gindex, 0, group)
+    betas = config["betas"]
+    step = optimizer.state[params[0]]["step"] + 1
+    for p in params:
+        optimizer.state[p]["step"] = step
+    grads = torch.cat([p.grad.reshape(-1) for p in params])
+    weights = torch.cat([p.detach().reshape(-1) for p in params])
+    F.optimizer_update_8bit_blockwise(
+        optimizer.optimizer_name, grads, weights, flat.state1, flat.state2, betas[0], betas[1],
+        betas[2] if len(betas) >= 3 else 0.0, config.get("alpha", 0.0), config["eps"], step, config["lr"],
+        optimizer.state[params[0]]["qmap1"], optimizer.state[params[0]]["qmap2"], flat.absmax1, flat.absmax2,
+        config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
+    torch._foreach_copy_([p.detach() for p in params],
+                         [w.view(p.shape) for w, p in zip(weights.split([p.numel() for p in params]), params)])
+    return params
