@@ -2,18 +2,19 @@
 
 bitsandbytes' 8-bit optimizers update each tensor with its own call (`Optimizer2State.update_step`): for a 7-8B
 model's r=16 adapter on its seven projections, 448 calls a step, each building its config dict, making the weight
-and gradient contiguous and dispatching one kernel. On the CPU that is most of what the optimizer step costs, and at
-the end of a step the CPU's work is what the GPU waits for (docs/performance.md, eleventh session: ~10 ms idle at
+and gradient contiguous and dispatching one kernel. That is most of the host's time for the optimizer step, and at the
+end of a step the host's work is what the GPU waits for (docs/performance.md, eleventh session: ~10 ms idle at
 each step's start).
 
 The 8-bit update is blockwise: every block of 256 elements has its own scales (absmax) for its two states, and each
 element's update reads only its own weight, gradient and states. So where every tensor's size is a multiple of 256,
 one call over the tensors laid end to end computes the same weights and states, bit for bit, as the calls one by
-one. Here each of a group's states (state1, state2, absmax1, absmax2) is one buffer, paged like bitsandbytes' own
-for paged optimizers, and each tensor's state is a view into it: `state_dict()` / `load_state_dict()` keep
-bitsandbytes' per-tensor layout (a loaded state is copied into new buffers at the next step). A step gathers the
-gradients and the weights with one `torch.cat` each, makes one update call, and copies the weights back with one
-`torch._foreach_copy_`.
+one. Here each of a group's states (state1, state2, absmax1, absmax2) is one buffer for the tensors whose states
+bitsandbytes pages (paged optimizers, >= 1e5 elements, on a GPU) and one for the others, and each tensor's state is
+a view into them: `state_dict()` / `load_state_dict()` keep bitsandbytes' per-tensor layout (a loaded state is
+copied into new buffers at the next step). A step gathers the gradients and the weights with one `torch.cat` each,
+makes one update call, and copies the weights back with one `torch._foreach_copy_` (two calls a step where some
+states are paged and some are not).
 
 Used by qlora's bitsandbytes optimizer step (`qlora_cli/reliability.py`, `without_per_parameter_sync`) for AdamW
 ("adam") with 8-bit blockwise states and no per-parameter overrides. Tensors that are not whole blocks, too small
@@ -23,6 +24,7 @@ per-tensor path works on the same views.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,10 +53,12 @@ class FlatStates:
 
 
 def uses_flat_update(optimizer: Any) -> bool:
-    """AdamW with 8-bit blockwise states and no per-parameter overrides (bitsandbytes' GlobalOptimManager)."""
+    """AdamW with 8-bit blockwise states and no per-parameter overrides (bitsandbytes' GlobalOptimManager), unless
+    the first attempt failed (`flat_update`)."""
     args = optimizer.args
     return (getattr(optimizer, "optimizer_name", None) == "adam" and args.optim_bits == 8 and not args.max_unorm > 0
-            and not optimizer.mng.index2config and not optimizer.mng.pid2config)
+            and not optimizer.mng.index2config and not optimizer.mng.pid2config
+            and not getattr(optimizer, "qlora_flat_off", False))
 
 
 def qualifies(optimizer: Any, p: torch.Tensor) -> bool:
@@ -65,10 +69,16 @@ def qualifies(optimizer: Any, p: torch.Tensor) -> bool:
             and p.numel() >= optimizer.args.min_8bit_size)  # plain tensors: not FSDP2's sharded DTensors
 
 
-def _buffer(optimizer: Any, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros as bitsandbytes' `get_state_buffer` makes them: paged (CUDA managed memory) for paged optimizers on a
-    GPU from 1e5 elements, ordinary memory otherwise."""
-    if not optimizer.is_paged or device.type != "cuda" or n < 1e5:
+def paged(optimizer: Any, p: torch.Tensor) -> bool:
+    """Whether bitsandbytes' `get_state_buffer` pages this tensor's states (CUDA managed memory): paged optimizers,
+    on a GPU, from 1e5 elements. Tensors are laid end to end only with others paged alike, so the states stay
+    where bitsandbytes puts them (in torch's memory or paged) and `qlora footprint` keeps counting them right."""
+    return bool(optimizer.is_paged) and p.device.type == "cuda" and p.numel() >= 1e5
+
+
+def _buffer(optimizer: Any, n: int, dtype: torch.dtype, device: torch.device, in_pages: bool) -> torch.Tensor:
+    """Zeros, paged as bitsandbytes' `get_state_buffer` pages them."""
+    if not in_pages:
         return torch.zeros(n, dtype=dtype, device=device)
     from bitsandbytes import functional as F
 
@@ -92,8 +102,9 @@ def flat_states(optimizer: Any, params: list[torch.Tensor]) -> FlatStates | None
     device = params[0].device
     sizes = [p.numel() for p in params]
     n = sum(sizes)
-    state1 = _buffer(optimizer, n, torch.uint8, device)
-    state2 = _buffer(optimizer, n, torch.uint8, device)
+    in_pages = paged(optimizer, params[0])
+    state1 = _buffer(optimizer, n, torch.uint8, device, in_pages)
+    state2 = _buffer(optimizer, n, torch.uint8, device, in_pages)
     absmax1 = torch.zeros(n // BLOCK, dtype=torch.float32, device=device)
     absmax2 = torch.zeros(n // BLOCK, dtype=torch.float32, device=device)
     if "dynamic" not in optimizer.name2qmap:
@@ -101,12 +112,10 @@ def flat_states(optimizer: Any, params: list[torch.Tensor]) -> FlatStates | None
     qmap1 = optimizer.name2qmap["dynamic"] = optimizer.name2qmap["dynamic"].to(device)
     qmap2 = optimizer.name2qmap["udynamic"] = optimizer.name2qmap["udynamic"].to(device)
     (step,) = steps
-    views, offset = [], 0
+    laid_out, offset = [], 0
     for p, size in zip(params, sizes):
-        state = optimizer.state[p]
-        state["step"] = step
+        state, views = optimizer.state[p], {}
         blocks = slice(offset // BLOCK, (offset + size) // BLOCK)
-        # bitsandbytes' key order (init_state): step, state1, qmap1, state2, qmap2, absmax1, absmax2
         for key, buffer, qmap in (("state1", state1, qmap1), ("state2", state2, qmap2), ("absmax1", absmax1, None),
                                   ("absmax2", absmax2, None)):
             view = buffer[blocks] if qmap is None else buffer[offset:offset + size].view(p.shape)
@@ -114,11 +123,16 @@ def flat_states(optimizer: Any, params: list[torch.Tensor]) -> FlatStates | None
                 view.is_paged, view.page_deviceid = True, buffer.page_deviceid
             if key in state:  # a state from earlier steps or a loaded checkpoint
                 view.copy_(state[key].reshape(view.shape))
-            state[key] = view
+            views[key] = view
             if qmap is not None:
-                state["q" + key.replace("state", "map")] = qmap
-        views.append(state["state1"])
+                views["q" + key.replace("state", "map")] = qmap
+        laid_out.append(views)
         offset += size
+    for p, views in zip(params, laid_out):  # only now, all made: the states change all or not at all
+        state = optimizer.state[p]
+        state["step"] = step  # bitsandbytes' key order: step, state1, qmap1, state2, qmap2, absmax1, absmax2
+        state.update(views)
+    views = [optimizer.state[p]["state1"] for p in params]
     flat = FlatStates(params_key, state1, state2, absmax1, absmax2, tuple(views))
     optimizer.qlora_flat = {**getattr(optimizer, "qlora_flat", {}), id(params[0]): flat}
     return flat
@@ -126,24 +140,40 @@ def flat_states(optimizer: Any, params: list[torch.Tensor]) -> FlatStates | None
 
 @torch.no_grad()
 def flat_update(optimizer: Any, gindex: int, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Update those of `params` (a group's tensors with gradients) that `qualifies` with one blockwise call, where
-    there are at least two of them on one device in one dtype at the same step; returns the tensors it updated
-    (the caller updates the others one by one)."""
-    from bitsandbytes import functional as F
-
+    """Update those of `params` (a group's tensors) that `qualifies` with one blockwise call for the paged ones and
+    one for the others, where there are at least two such tensors on one device in one dtype at the same step;
+    returns the tensors it updated (the caller updates the others one by one)."""
     if not uses_flat_update(optimizer):
         return []
     params = [p for p in params if qualifies(optimizer, p)]
-    if len(params) < 2 or len({(p.device, p.dtype) for p in params}) != 1 or params[0].device.type not in DEVICES:
+    if not params or len({(p.device, p.dtype) for p in params}) != 1 or params[0].device.type not in DEVICES:
         return []
-    flat = flat_states(optimizer, params)
-    if flat is None:
-        return []
-    config = optimizer.get_config(gindex, 0, group)
+    done = []
+    for in_pages in (True, False):
+        alike = [p for p in params if paged(optimizer, p) == in_pages]
+        if len(alike) < 2:
+            continue
+        first = id(alike[0]) not in getattr(optimizer, "qlora_flat", {})
+        try:
+            flat = flat_states(optimizer, alike)
+            if flat is not None:
+                _update(optimizer, optimizer.get_config(gindex, 0, group), alike, flat)
+                done += alike
+        except Exception as error:  # a bitsandbytes version or device this was not checked on; its own path works
+            if not first:
+                raise
+            warnings.warn(f"qlora could not update the adapter's tensors with one bitsandbytes call ({error!r}); "
+                          "they update one by one, as bitsandbytes does", stacklevel=2)
+            optimizer.qlora_flat_off = True
+            break
+    return done
+
+
+def _update(optimizer: Any, config: dict, params: list[torch.Tensor], flat: FlatStates) -> None:
+    from bitsandbytes import functional as F
+
     betas = config["betas"]
     step = optimizer.state[params[0]]["step"] + 1
-    for p in params:
-        optimizer.state[p]["step"] = step
     grads = torch.cat([p.grad.reshape(-1) for p in params])
     weights = torch.cat([p.detach().reshape(-1) for p in params])
     F.optimizer_update_8bit_blockwise(
@@ -153,4 +183,5 @@ def flat_update(optimizer: Any, gindex: int, group: dict, params: list[torch.Ten
         config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
     torch._foreach_copy_([p.detach() for p in params],
                          [w.view(p.shape) for w, p in zip(weights.split([p.numel() for p in params]), params)])
-    return params
+    for p in params:
+        optimizer.state[p]["step"] = step

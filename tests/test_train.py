@@ -478,6 +478,47 @@ def test_8bit_adamw_updates_a_whole_group_with_one_call_bit_for_bit_and_resumes_
     assert [tuple(p.shape) for p in flat.params] == list(shapes)  # the other two updated one by one
 
 
+def test_when_the_one_call_update_fails_at_its_first_step_the_tensors_update_one_by_one_and_a_warning_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bitsandbytes whose update call rejects the laid-out buffers (a version or device the one-call update was
+    not checked on) costs nothing but the speed: the first step warns, and every step updates tensor by tensor with
+    bitsandbytes' weights and states."""
+    import bitsandbytes.functional as F
+    import torch
+    from transformers import TrainingArguments
+
+    from qlora_cli import flat_update
+    from qlora_cli.reliability import atomic_checkpoint_trainer
+
+    monkeypatch.setattr(flat_update, "DEVICES", ("cuda", "cpu"))
+    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit", learning_rate=1e-2, report_to="none")
+    ours, kwargs = atomic_checkpoint_trainer().get_optimizer_cls_and_kwargs(args)
+    update = F.optimizer_update_8bit_blockwise
+
+    def rejects_long_buffers(name, g, p, *rest, **kw):
+        if p.numel() > 16 * 4096:
+            raise RuntimeError("no such kernel")
+        return update(name, g, p, *rest, **kw)
+
+    def run(cls: type) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.bfloat16))
+                  for s in ((16, 4096), (4096, 16), (16, 1024))]
+        opt = cls(params, **kwargs)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.bfloat16)
+            opt.step()
+        return [p.detach() for p in params] + [t for p in params for t in opt.state[p].values()
+                                               if isinstance(t, torch.Tensor)]
+
+    theirs = run(ours.__mro__[1])
+    monkeypatch.setattr(F, "optimizer_update_8bit_blockwise", rejects_long_buffers)
+    with pytest.warns(UserWarning, match="could not update the adapter's tensors with one bitsandbytes call"):
+        mine = run(ours)
+    assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+
 def test_steady_tokens_per_s_leaves_out_warm_up_compiles_evaluations_and_saves() -> None:
     clock = StepClock()
     assert clock.add(40.0, 8000, compiled=3, first=True, eval_or_save=False) == "warm-up"  # first step compiles
