@@ -67,7 +67,8 @@
 #   bash docs/bench/issue14-gpu.sh aj  # not run yet (fourteenth session, no GPU lent): LoRA's B folded into the frozen
 #     # product (training.fold_lora_b): one 7-8B MLP alone (scripts/bench_lora_fold.py), the dropout masks' cost
 #     # with a fifth candidate, one hash per two inputs (scripts/bench_dropout_masks.py, ~20 s), then Llama-3-8B
-#     # qlora without and with the fold, 30 warm-up and 30 timed steps each (~7 min)
+#     # qlora without and with the fold, 30 warm-up and 30 timed steps each (~7 min); since the fifteenth session
+#     # also scripts/bench_optimizer.py (bitsandbytes' step, qlora's per tensor, qlora's one call a group; ~1 min)
 #   bash docs/bench/issue14-gpu.sh ak  # not run yet: Llama-3-8B baseline vs qlora with training.fold_lora_b (as mode x)
 #   bash docs/bench/issue14-gpu.sh al  # not run yet: the same for Mistral-7B (as mode y)
 #   bash docs/bench/issue14-gpu.sh am  # not run yet (fifteenth session): Llama-3-8B baseline, qlora and qlora with
@@ -257,6 +258,7 @@ elif [ "$1" = ai ]; then
 elif [ "$1" = aj ]; then
   python3 scripts/bench_lora_fold.py --json "$OUT/lora-fold-h200.json" 2>&1 | tee "$OUT/lora-fold.txt"
   python3 scripts/bench_dropout_masks.py 2>&1 | tee "$OUT/lora-dropout-masks-hash2-h200.txt"
+  python3 scripts/bench_optimizer.py --shape llama3-8b 2>&1 | tee "$OUT/optimizer-one-call-h200.txt"
   python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
     --variants "qlora,qlora-training.fold_lora_b=true" --out "$OUT/llama3-8b-warm30-fold-ab-h200.json" \
     2>&1 | tee "$OUT/llama3-8b-fold-ab.log"
