@@ -12,9 +12,9 @@ one call over the tensors laid end to end computes the same weights and states, 
 one. Here each of a group's states (state1, state2, absmax1, absmax2) is one buffer for the tensors whose states
 bitsandbytes pages (paged optimizers, >= 1e5 elements, on a GPU) and one for the others, and each tensor's state is
 a view into them: `state_dict()` / `load_state_dict()` keep bitsandbytes' per-tensor layout (a loaded state is
-copied into new buffers at the next step). A step gathers the gradients and the weights with one `torch.cat` each,
-makes one update call, and copies the weights back with one `torch._foreach_copy_` (two calls a step where some
-states are paged and some are not).
+copied into new buffers at the next step). A step gathers the gradients and the weights into one buffer each
+(`torch.cat`), makes one update call, and copies the weights back with one `torch._foreach_copy_` (two calls a step
+where some states are paged and some are not).
 
 Used by qlora's bitsandbytes optimizer step (`qlora_cli/reliability.py`, `without_per_parameter_sync`) for AdamW
 ("adam") with 8-bit blockwise states and no per-parameter overrides. Tensors that are not whole blocks, too small
@@ -33,6 +33,9 @@ import torch
 BLOCK = 256
 """Elements per absmax block of bitsandbytes' 8-bit blockwise optimizer states."""
 
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+"""Tensor types laid end to end (not tensor subclasses such as FSDP2's sharded DTensors)."""
+
 DEVICES = ("cuda",)
 """Where tensors are updated together. What it saves is kernel launches and their Python; on the CPU bitsandbytes'
 update is a dozen torch operations over float32 copies of the states, which for one 42M-element group run at half
@@ -50,6 +53,8 @@ class FlatStates:
     absmax1: torch.Tensor
     absmax2: torch.Tensor
     views: tuple[torch.Tensor, ...]  # each tensor's state1 view: a state dict loaded since no longer holds them
+    flat_params: tuple[torch.Tensor, ...]  # each tensor's weights as one dimension (a view: written in place)
+    sizes: tuple[int, ...]
 
 
 def uses_flat_update(optimizer: Any) -> bool:
@@ -65,8 +70,8 @@ def qualifies(optimizer: Any, p: torch.Tensor) -> bool:
     """A plain tensor with a gradient of its own dtype, a whole number of 256-element blocks and large enough for
     8-bit states (smaller tensors get 32-bit states)."""
     g = p.grad
-    return (g is not None and type(p.detach()) is torch.Tensor and g.dtype == p.dtype and not p.numel() % BLOCK
-            and p.numel() >= optimizer.args.min_8bit_size)  # plain tensors: not FSDP2's sharded DTensors
+    return (g is not None and type(p) in PLAIN and g.dtype == p.dtype and not p.numel() % BLOCK
+            and p.numel() >= optimizer.args.min_8bit_size)
 
 
 def paged(optimizer: Any, p: torch.Tensor) -> bool:
@@ -94,7 +99,8 @@ def flat_states(optimizer: Any, params: list[torch.Tensor]) -> FlatStates | None
     params_key = tuple(params)
     flat = getattr(optimizer, "qlora_flat", {}).get(id(params[0]))
     if (flat is not None and len(flat.params) == len(params) and all(a is b for a, b in zip(flat.params, params))
-            and all(optimizer.state[p].get("state1") is v for p, v in zip(params, flat.views))):
+            and all(optimizer.state[p].get("state1") is v for p, v in zip(params, flat.views))
+            and all(v.data_ptr() == p.data_ptr() for p, v in zip(params, flat.flat_params))):
         return flat
     steps = {optimizer.state[p].get("step", 0) for p in params}
     if len(steps) != 1:
@@ -133,7 +139,8 @@ def flat_states(optimizer: Any, params: list[torch.Tensor]) -> FlatStates | None
         state["step"] = step  # bitsandbytes' key order: step, state1, qmap1, state2, qmap2, absmax1, absmax2
         state.update(views)
     views = [optimizer.state[p]["state1"] for p in params]
-    flat = FlatStates(params_key, state1, state2, absmax1, absmax2, tuple(views))
+    flat = FlatStates(params_key, state1, state2, absmax1, absmax2, tuple(views),
+                      tuple(p.detach().view(-1) for p in params), tuple(sizes))
     optimizer.qlora_flat = {**getattr(optimizer, "qlora_flat", {}), id(params[0]): flat}
     return flat
 
@@ -174,14 +181,13 @@ def _update(optimizer: Any, config: dict, params: list[torch.Tensor], flat: Flat
 
     betas = config["betas"]
     step = optimizer.state[params[0]]["step"] + 1
-    grads = torch.cat([p.grad.reshape(-1) for p in params])
-    weights = torch.cat([p.detach().reshape(-1) for p in params])
+    grads = torch._C._nn.flatten_dense_tensors([p.grad for p in params])  # torch.cat of the flattened tensors
+    weights = torch.cat(flat.flat_params)
     F.optimizer_update_8bit_blockwise(
         optimizer.optimizer_name, grads, weights, flat.state1, flat.state2, betas[0], betas[1],
         betas[2] if len(betas) >= 3 else 0.0, config.get("alpha", 0.0), config["eps"], step, config["lr"],
         optimizer.state[params[0]]["qmap1"], optimizer.state[params[0]]["qmap2"], flat.absmax1, flat.absmax2,
         config["weight_decay"], gnorm_scale=1.0, skip_zeros=config["skip_zeros"])
-    torch._foreach_copy_([p.detach() for p in params],
-                         [w.view(p.shape) for w, p in zip(weights.split([p.numel() for p in params]), params)])
+    torch._foreach_copy_(flat.flat_params, weights.split_with_sizes(flat.sizes))
     for p in params:
         optimizer.state[p]["step"] = step
