@@ -95,7 +95,8 @@ def _buffer(optimizer: Any, n: int, dtype: torch.dtype, device: torch.device, in
 
 def flat_states(optimizer: Any, params: list[torch.Tensor]) -> FlatStates | None:
     """The group's states as one buffer each, made (or made again, after a state dict was loaded) so that every
-    tensor's state is a view into them; None where the tensors' steps differ (then they update one by one)."""
+    tensor's state is a view into them; None where the tensors' steps differ or they hold 2^31 elements or more
+    (then they update one by one)."""
     params_key = tuple(params)
     flat = getattr(optimizer, "qlora_flat", {}).get(id(params[0]))
     if (flat is not None and len(flat.params) == len(params) and all(a is b for a, b in zip(flat.params, params))
@@ -103,11 +104,11 @@ def flat_states(optimizer: Any, params: list[torch.Tensor]) -> FlatStates | None
             and all(v.data_ptr() == p.data_ptr() for p, v in zip(params, flat.flat_params))):
         return flat
     steps = {optimizer.state[p].get("step", 0) for p in params}
-    if len(steps) != 1:
-        return None
-    device = params[0].device
     sizes = [p.numel() for p in params]
     n = sum(sizes)
+    if len(steps) != 1 or n >= 2**31:  # bitsandbytes passes the element count as a 32-bit int
+        return None
+    device = params[0].device
     in_pages = paged(optimizer, params[0])
     state1 = _buffer(optimizer, n, torch.uint8, device, in_pages)
     state2 = _buffer(optimizer, n, torch.uint8, device, in_pages)
