@@ -74,6 +74,9 @@
 #   bash docs/bench/issue14-gpu.sh am  # not run yet (fifteenth session): Llama-3-8B baseline, qlora and qlora with
 #     # training.fold_lora_b in one run, 30 warm-up and 30 timed steps each (~8 min): the fold's A/B and item 4's
 #     # ratio from one call; run it first, then al
+#   bash docs/bench/issue14-gpu.sh an  # not run yet (fifteenth session): Llama-3-8B qlora at commit 8b577f5 (before
+#     # 8-bit AdamW's one-call update; bench-old/: git archive 8b577f5 qlora_cli scripts recipes | tar -x -C bench-old,
+#     # carried with .gpu) and qlora now, 30 warm-up and 30 timed steps each (~5 min)
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
 #     # timed steps, without and with gc.freeze() after the first step (training.freeze_gc). The figures on file
 #     # (mistral7b-log10-gc*-h200.json) ran before freeze_gc existed, as `qlora` and `qlora --gc-freeze` (the flag
@@ -267,6 +270,12 @@ elif [ "$1" = ak ] || [ "$1" = al ]; then
   python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
     --variants "baseline,qlora-training.fold_lora_b=true" --out "$OUT/$shape-warm30-fold-h200.json" \
     2>&1 | tee "$OUT/$shape-warm30-fold.log"
+elif [ "$1" = an ]; then
+  need_old
+  (cd bench-old && python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 \
+    --workdir $W --variants qlora --out "$OUT/llama3-8b-warm30-8b577f5-h200.json" 2>&1 | tee "$OUT/llama3-8b-old.log")
+  python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
+    --variants qlora --out "$OUT/llama3-8b-warm30-onecall-h200.json" 2>&1 | tee "$OUT/llama3-8b-onecall.log"
 elif [ "$1" = am ]; then
   python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
     --variants "baseline,qlora,qlora-training.fold_lora_b=true" --out "$OUT/llama3-8b-warm30-fold3-h200.json" \
