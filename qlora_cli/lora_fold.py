@@ -11,7 +11,9 @@ The price is writing x into `[x | h]` for each folded projection (and K a rank l
 at least as many outputs as inputs (`MIN_WIDENING`) are folded: q, o, gate and up at Llama/Mistral/Qwen shapes.
 By the bytes inductor's kernels move (scripts/bench_layer_bytes.py, a layer 1024 / 3584 wide, C++ kernels'
 count): a step's 4.961 GB become 4.126 folding gate and up, 3.978 adding q and o, 3.997 adding k and v too (narrower
-out than in); under a GPU's (Triton's) fusion rules 4.890 become 3.974 with q, o, gate and up.
+out than in); under a GPU's (Triton's) fusion rules 4.890 become 3.974 with q, o, gate and up. Those bytes did not
+become speed: on an H200, Llama-3-8B trained 0.9 % slower folded, with a 0.70 GB lower peak (10.01 against 10.71
+GB; docs/performance.md, fifteenth session), hence `training.fold_lora_b` is off by default.
 
 Used with compiled NF4 layers (qlora_cli/nf4.py), plain LoRA (no DoRA or other variant, one adapter, no bias),
 adapters in the layer's compute dtype. The weights, checkpoints and saved adapters are unchanged.

@@ -190,8 +190,7 @@ class TrainingConfig:
         False, help="With compiled NF4 layers, compute each projection with at least as many outputs as inputs (q, "
         "o, gate and up) as one matrix product [x | A(x)] @ [W | s·B]^T instead of peft's two products and a sum, so "
         "LoRA's full-size output is never written and read back (qlora_cli/lora_fold.py); plain LoRA only. Same loss "
-        "and gradients up to rounding; 19 % fewer bytes through a layer by inductor's count, its speed on a GPU not "
-        "measured yet.",
+        "and gradients up to rounding; on an H200 (Llama-3-8B) 0.9 % slower, 0.70 GB less peak memory.",
     )
     fused_lora_dropout: bool | Literal["auto"] = _f(
         "auto", help="Apply LoRA dropout inside the product with A (Triton kernels on CUDA, a mask regenerated from "

@@ -69,12 +69,12 @@
 #     # with a fifth candidate, one hash per two inputs (scripts/bench_dropout_masks.py, ~20 s), then Llama-3-8B
 #     # qlora without and with the fold, 30 warm-up and 30 timed steps each (~7 min); since the fifteenth session
 #     # also scripts/bench_optimizer.py (bitsandbytes' step, qlora's per tensor, qlora's one call a group; ~1 min)
-#   bash docs/bench/issue14-gpu.sh ak  # not run yet: Llama-3-8B baseline vs qlora with training.fold_lora_b (as mode x)
-#   bash docs/bench/issue14-gpu.sh al  # not run yet: the same for Mistral-7B (as mode y)
-#   bash docs/bench/issue14-gpu.sh am  # not run yet (fifteenth session): Llama-3-8B baseline, qlora and qlora with
+#   bash docs/bench/issue14-gpu.sh ak  # not run (mode am measured the fold first: no gain): Llama-3-8B baseline vs qlora with training.fold_lora_b (as mode x)
+#   bash docs/bench/issue14-gpu.sh al  # not run (as ak): the same for Mistral-7B (as mode y)
+#   bash docs/bench/issue14-gpu.sh am  # fifteenth session (ran: llama3-8b-warm30-fold3-h200.json): Llama-3-8B baseline, qlora and qlora with
 #     # training.fold_lora_b in one run, 30 warm-up and 30 timed steps each (~8 min): the fold's A/B and item 4's
 #     # ratio from one call; run it first, then al
-#   bash docs/bench/issue14-gpu.sh an  # not run yet (fifteenth session): Llama-3-8B qlora at commit 8b577f5 (before
+#   bash docs/bench/issue14-gpu.sh an  # fifteenth session (ran: llama3-8b-warm30-{8b577f5,onecall}-h200.json): Llama-3-8B qlora at commit 8b577f5 (before
 #     # 8-bit AdamW's one-call update; bench-old/: git archive 8b577f5 qlora_cli scripts recipes | tar -x -C bench-old,
 #     # carried with .gpu) and qlora now, 30 warm-up and 30 timed steps each (~5 min)
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
