@@ -378,6 +378,41 @@ def test_the_step_bookkeeping_and_the_loss_read_nothing_back_in_a_step_and_log_w
         assert mine == pytest.approx(trls, rel=1e-5), (mine, trls)
 
 
+def bnb_8bit_optimizer(tmp_path: Path, **args: float) -> tuple[type, type, dict]:
+    """qlora's bitsandbytes optimizer class for `paged_adamw_8bit`, bitsandbytes' own, and their arguments."""
+    from transformers import TrainingArguments
+
+    from qlora_cli.reliability import atomic_checkpoint_trainer
+
+    training_args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit", learning_rate=1e-2,
+                                      report_to="none", **args)
+    ours, kwargs = atomic_checkpoint_trainer().get_optimizer_cls_and_kwargs(training_args)
+    return ours, ours.__mro__[1], kwargs
+
+
+def optimizer_steps(cls: type, kwargs: dict, shapes, steps: int, reload_from: Path | None = None,
+                    reload_after: int | None = None):
+    """`steps` optimizer steps on bf16 tensors of `shapes` with seeded random gradients (optionally saving the state
+    dict after `reload_after` steps and going on with a new optimizer loaded from it); (optimizer, start weights,
+    weights, state tensors)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.bfloat16)) for s in shapes]
+    start = [p.detach().clone() for p in params]
+    opt = cls(params, **kwargs)
+    for step in range(steps):
+        if step == reload_after:
+            torch.save(opt.state_dict(), reload_from)
+            opt = cls(params, **kwargs)
+            opt.load_state_dict(torch.load(reload_from, weights_only=False))
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.bfloat16)
+        opt.step()
+    states = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
+    return opt, start, [p.detach().clone() for p in params], states
+
+
 def test_bitsandbytes_optimizers_step_like_bitsandbytes_without_waiting_after_each_parameter(tmp_path: Path) -> None:
     """`training.optim: paged_adamw_8bit` (and the other bitsandbytes optimizers) become bitsandbytes' class with
     its step minus the wait for the GPU after every parameter (on the CUDA default stream; elsewhere it waits as
@@ -385,32 +420,15 @@ def test_bitsandbytes_optimizers_step_like_bitsandbytes_without_waiting_after_ea
     steps leave the same weights and 8-bit state as bitsandbytes' own step, bit for bit. transformers still
     recognises it as bitsandbytes (trained embeddings keep 32-bit state)."""
     import torch
-    from transformers import TrainingArguments
 
-    from qlora_cli.reliability import atomic_checkpoint_trainer
-
-    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit", learning_rate=1e-2,
-                             report_to="none")
-    ours, kwargs = atomic_checkpoint_trainer().get_optimizer_cls_and_kwargs(args)
-    theirs = ours.__mro__[1]
+    ours, theirs, kwargs = bnb_8bit_optimizer(tmp_path)
     assert theirs.__module__.startswith("bitsandbytes") and "bitsandbytes" in str(ours) and ours.step is not theirs.step
-
-    def steps(cls: type) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        g = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.bfloat16))
-                  for shape in ((16, 4096), (4096, 16), (16, 8192), (16, 300))]
-        # (16, 8192): paged state on CUDA (>= 100k elements); (16, 300): 32-bit state (< 4096 elements)
-        start = [p.detach().clone() for p in params]
-        opt = cls(params, **kwargs)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g, dtype=torch.bfloat16)
-            opt.step()
-        state = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
-        assert all(not torch.equal(p, p0) for p, p0 in zip(params, start))  # every weight moved
-        return [p.detach() for p in params], state
-
-    (w1, s1), (w2, s2) = steps(ours), steps(theirs)
+    # (16, 8192): paged state on CUDA (>= 100k elements); (16, 300): 32-bit state (< 4096 elements)
+    shapes = ((16, 4096), (4096, 16), (16, 8192), (16, 300))
+    runs = [optimizer_steps(cls, kwargs, shapes, 3) for cls in (ours, theirs)]
+    for _, start, weights, _ in runs:
+        assert all(not torch.equal(p, p0) for p, p0 in zip(weights, start))  # every weight moved
+    (_, _, w1, s1), (_, _, w2, s2) = runs
     assert all(torch.equal(a, b) for a, b in zip(w1, w2)) and len(s1) == len(s2) > 0
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))
 
@@ -424,36 +442,15 @@ def test_8bit_adamw_updates_a_whole_group_with_one_call_bit_for_bit_and_resumes_
     way. Tensors that are not whole blocks, or small enough for 32-bit states, update one by one as before. (On
     CUDA only by default: the CPU's update is faster tensor by tensor; here it runs on the CPU's kernels.)"""
     import torch
-    from transformers import TrainingArguments
 
     from qlora_cli import flat_update
-    from qlora_cli.reliability import atomic_checkpoint_trainer
 
     monkeypatch.setattr(flat_update, "DEVICES", ("cuda", "cpu"))
-
-    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit", learning_rate=1e-2,
-                             weight_decay=0.1, report_to="none")
-    ours, kwargs = atomic_checkpoint_trainer().get_optimizer_cls_and_kwargs(args)
-    theirs = ours.__mro__[1]
+    ours, theirs, kwargs = bnb_8bit_optimizer(tmp_path, weight_decay=0.1)
     shapes = ((16, 4096), (4096, 16), (16, 14336), (1024, 16), (16, 1024))  # a 7-8B adapter's, fewer
 
-    def run(cls: type, steps: int, shapes=shapes, reload_after: int | None = None):
-        g = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.bfloat16)) for s in shapes]
-        opt = cls(params, **kwargs)
-        for step in range(steps):
-            if step == reload_after:
-                torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
-                opt = cls(params, **kwargs)
-                opt.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=False))
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g, dtype=torch.bfloat16)
-            opt.step()
-        states = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)]
-        return opt, [p.detach().clone() for p in params], states
-
-    opt, w_ours, s_ours = run(ours, 4)
-    _, w_theirs, s_theirs = run(theirs, 4)
+    opt, _, w_ours, s_ours = optimizer_steps(ours, kwargs, shapes, 4)
+    _, _, w_theirs, s_theirs = optimizer_steps(theirs, kwargs, shapes, 4)
     assert all(torch.equal(a, b) for a, b in zip(w_ours, w_theirs))
     assert len(s_ours) == len(s_theirs) == 6 * len(shapes)  # state1, qmap1, state2, qmap2, absmax1, absmax2
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(s_ours, s_theirs))
@@ -463,15 +460,15 @@ def test_8bit_adamw_updates_a_whole_group_with_one_call_bit_for_bit_and_resumes_
                for p in flat.params)
     assert {opt.state[p]["step"] for p in flat.params} == {4}
 
-    opt, w_resumed, s_resumed = run(ours, 4, reload_after=2)
+    opt, _, w_resumed, s_resumed = optimizer_steps(ours, kwargs, shapes, 4, tmp_path / "optimizer.pt", 2)
     assert all(torch.equal(a, b) for a, b in zip(w_resumed, w_theirs))
     assert all(torch.equal(a, b) for a, b in zip(s_resumed, s_theirs))
     assert len(opt.qlora_flat) == 1  # the loaded states were laid end to end again
 
     # 4,800 elements: 8-bit state, not whole blocks; 3,200: a 32-bit state (below 4,096 elements)
     odd = (*shapes, (16, 300), (16, 200))
-    opt, w_odd, s_odd = run(ours, 3, shapes=odd)
-    _, w_odd_theirs, s_odd_theirs = run(theirs, 3, shapes=odd)
+    opt, _, w_odd, s_odd = optimizer_steps(ours, kwargs, odd, 3)
+    _, _, w_odd_theirs, s_odd_theirs = optimizer_steps(theirs, kwargs, odd, 3)
     assert all(torch.equal(a, b) for a, b in zip(w_odd, w_odd_theirs))
     assert len(s_odd) == len(s_odd_theirs) and all(torch.equal(a, b) for a, b in zip(s_odd, s_odd_theirs))
     (flat,) = opt.qlora_flat.values()
@@ -485,14 +482,11 @@ def test_when_the_one_call_update_fails_at_its_first_step_the_tensors_update_one
     bitsandbytes' weights and states."""
     import bitsandbytes.functional as F
     import torch
-    from transformers import TrainingArguments
 
     from qlora_cli import flat_update
-    from qlora_cli.reliability import atomic_checkpoint_trainer
 
     monkeypatch.setattr(flat_update, "DEVICES", ("cuda", "cpu"))
-    args = TrainingArguments(output_dir=str(tmp_path), optim="paged_adamw_8bit", learning_rate=1e-2, report_to="none")
-    ours, kwargs = atomic_checkpoint_trainer().get_optimizer_cls_and_kwargs(args)
+    ours, theirs, kwargs = bnb_8bit_optimizer(tmp_path)
     update = F.optimizer_update_8bit_blockwise
 
     def rejects_long_buffers(name, g, p, *rest, **kw):
@@ -500,23 +494,13 @@ def test_when_the_one_call_update_fails_at_its_first_step_the_tensors_update_one
             raise RuntimeError("no such kernel")
         return update(name, g, p, *rest, **kw)
 
-    def run(cls: type) -> list[torch.Tensor]:
-        g = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.bfloat16))
-                  for s in ((16, 4096), (4096, 16), (16, 1024))]
-        opt = cls(params, **kwargs)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g, dtype=torch.bfloat16)
-            opt.step()
-        return [p.detach() for p in params] + [t for p in params for t in opt.state[p].values()
-                                               if isinstance(t, torch.Tensor)]
-
-    theirs = run(ours.__mro__[1])
+    shapes = ((16, 4096), (4096, 16), (16, 1024))
+    _, _, w_theirs, s_theirs = optimizer_steps(theirs, kwargs, shapes, 3)
     monkeypatch.setattr(F, "optimizer_update_8bit_blockwise", rejects_long_buffers)
     with pytest.warns(UserWarning, match="could not update the adapter's tensors with one bitsandbytes call"):
-        mine = run(ours)
-    assert len(mine) == len(theirs) and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+        _, _, w_mine, s_mine = optimizer_steps(ours, kwargs, shapes, 3)
+    mine, theirs_all = w_mine + s_mine, w_theirs + s_theirs
+    assert len(mine) == len(theirs_all) and all(torch.equal(a, b) for a, b in zip(mine, theirs_all))
 
 
 def test_steady_tokens_per_s_leaves_out_warm_up_compiles_evaluations_and_saves() -> None:
