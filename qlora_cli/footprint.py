@@ -246,6 +246,7 @@ class RunSettings:
     liger: bool = False  # Liger's RMSNorm, SwiGLU and RoPE kernels (training.use_liger_kernel)
     compiled: bool = False  # decoder layers compiled with torch.compile (training.compile_layers)
     keeps_dequantized: bool = False  # the recompute keeps its dequantized NF4 weights for backward
+    lora_a_rows: int = 0  # rows of the slots where each layer's fused A projections keep their outputs (0: none)
     # compiled layers run the MLP's output projection outside the checkpoint (when there is one) where the architecture
     # allows it (Architecture.defers_down_proj); its weight is then dequantized again in backward, not kept
     deferred_down_proj: bool = False
@@ -296,6 +297,10 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
     # DoRA, or an architecture qlora does not defer it for: estimate() decides that)
     keeps = compiled and t.compile_nf4 and t.keep_dequantized and recipe.quantization.load_in_4bit
     deferred = compiled and not t.recompute_down_proj and not lora.use_dora
+    # under checkpointing the fused dropout's A projections keep their outputs for the recompute
+    # (training.keep_lora_a_outputs; estimate() counts them only with checkpointing)
+    keeps_lora_a = compiled and t.keep_lora_a_outputs and fuses_dropout(recipe, compiled)
+    lora_a_rows = t.per_device_train_batch_size * data.max_length if keeps_lora_a else 0  # as train allocates them
     return RunSettings(
         micro_batch=t.per_device_train_batch_size,
         seq_len=seq_len,
@@ -317,6 +322,7 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
         liger=liger,
         compiled=compiled,
         keeps_dequantized=keeps,
+        lora_a_rows=lora_a_rows,
         deferred_down_proj=deferred,
         flex=resolve_attention(recipe, gpu) == "flex_attention",
         padding=padding,
@@ -597,6 +603,12 @@ def estimate(arch: Architecture, s: RunSettings, model: str = "") -> Estimate:
             terms.append(Term("dequantized", "dequantized weights kept by the recompute", b * weights,
                               f"{_count(weights)} weights ({len(kept)} projections of one layer) × {b} B "
                               "(training.keep_dequantized)"))
+        if s.lora_a_rows:
+            adapted = len(s.target_modules)
+            terms.append(Term("lora_a_kept", "LoRA A outputs kept for the recompute",
+                              layers * adapted * s.lora_a_rows * s.lora_r * s.adapter_bytes,
+                              f"{layers} layers × {adapted} projections × {s.lora_a_rows:,} rows (micro-batch × "
+                              f"max_length) × r={s.lora_r} × {s.adapter_bytes} B (training.keep_lora_a_outputs)"))
     else:
         terms.append(Term("activations", "activations of all layers", layers * n * per_layer + mask_elems,
                           f"{layers} layers × {n:,} tokens ({s.micro_batch} × {s.seq_len}) × {per_layer:,} B "

@@ -23,6 +23,8 @@ Triton version, `qlora_cli.triton_lora.dropout_matmul`, which has the same argum
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -156,6 +158,141 @@ def register_backward(op, backward_op) -> None:
 
 register_backward(dropout_matmul, dropout_matmul_backward)
 
+# The phases of a memo (`RecomputeMemo`), read by the op from a one-element int32 tensor on the device.
+COMPUTE, STORE, LOAD = 0, 1, 2
+
+
+@torch.library.custom_op("qlora::dropout_matmul_memo", mutates_args=("slot",))
+def dropout_matmul_memo(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float, slot: torch.Tensor,
+                        phase: torch.Tensor) -> torch.Tensor:
+    """`dropout_matmul`'s value with a memo: in phase STORE it is also written to the first rows of `slot`; in
+    phase LOAD it is read back from there instead of computed (a checkpoint's recompute of the same call); in
+    phase COMPUTE the slot is left alone. No gradient (an op that writes to an input cannot have one):
+    `memo_product` gives it `dropout_matmul`'s."""
+    rows, now = x.shape[0], int(phase.item())
+    if now == LOAD:
+        return slot[:rows].clone()
+    h = dropout_matmul(x, weight, seed, p)
+    if now == STORE:
+        slot[:rows].copy_(h)
+    return h
+
+
+@dropout_matmul_memo.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float, slot: torch.Tensor,
+      phase: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+class _WithProductGradient(torch.autograd.Function):
+    """h, with the gradient of h = dropout_matmul(x, weight, seed, p) for x and weight."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
+                p: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, seed)
+        ctx.p = p
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, seed = ctx.saved_tensors
+        if _use_triton(x):
+            from qlora_cli.triton_lora import dropout_matmul_backward as backward_op
+        else:
+            backward_op = dropout_matmul_backward
+        dx, dweight = backward_op(grad, x, weight, seed, ctx.p)
+        return None, dx, dweight, None, None
+
+
+def memo_product(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float, slot: torch.Tensor,
+                 phase: torch.Tensor) -> torch.Tensor:
+    """dropout(x, p) @ weight.T as `dropout_matmul` (value and gradient), through the memo `slot` and `phase`."""
+    if _use_triton(x):
+        from qlora_cli.triton_lora import dropout_matmul_memo as op
+    else:
+        op = dropout_matmul_memo
+    h = op(x.detach(), weight.detach(), seed, p, slot, phase)
+    return _WithProductGradient.apply(h, x, weight, seed, p)
+
+
+class RecomputeMemo:
+    """The outputs of a checkpointed layer's fused A projections, kept from its forward pass for the recompute in
+    backward (`training.keep_lora_a_outputs`).
+
+    Gradient checkpointing reruns the layer in backward, and with it each A projection `dropout(x) @ A.T`: a
+    read of the projection's whole input and its mask drawn again, for an output of only rank columns a row
+    (8,192 × 16 for a micro-batch of 4 × 2,048 at rank 16, 256 KiB). So each projection keeps its output in a
+    slot of its own, and the recompute reads it back instead: the same values (the recompute would compute them
+    bit for bit from the same input, weight and seed), the same gradient (backward still draws the mask from the
+    seed). One `phase` tensor on the device tells the layer's ops whether to store (forward pass), load (the
+    recompute of that forward pass) or only compute (anything else); the checkpoint sets it on entering each
+    pass (`contexts`), so the compiled layer runs one graph for all three.
+
+    The slots hold `capacity` rows (every projection of the layer, rank columns each, in the adapter's dtype),
+    allocated up front and grown if a micro-batch has more rows; a recompute whose forward pass was not the
+    layer's latest (two forward passes before their backward) computes again instead of loading."""
+
+    def __init__(self, modules: list[nn.Module], capacity: int) -> None:
+        self.modules = modules
+        weight = modules[0].weight
+        self.phase = torch.full((1,), COMPUTE, dtype=torch.int32, device=weight.device)
+        self.capacity = 0
+        self.owner: object | None = None
+        self.grow(capacity)
+        for module in modules:
+            module.qlora_memo_phase = self.phase
+
+    def grow(self, rows: int) -> None:
+        """Slots of at least `rows` rows (a compiled layer recompiles once for the new slot size)."""
+        if rows <= self.capacity:
+            return
+        for module in self.modules:
+            module.qlora_memo_slot = torch.empty(rows, module.out_features, dtype=module.weight.dtype,
+                                                 device=module.weight.device)
+        self.capacity = rows
+
+    def nbytes(self) -> int:
+        return sum(m.qlora_memo_slot.nbytes for m in self.modules)
+
+    def set(self, phase: int) -> None:
+        self.phase.fill_(phase)
+
+    def contexts(self, rows: int) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """(forward, recompute) context managers for one checkpointed call over `rows` rows (the `context_fn` of
+        torch.utils.checkpoint)."""
+        self.grow(rows)
+        token = object()
+
+        @contextlib.contextmanager
+        def forward() -> Iterator[None]:
+            self.owner = token
+            self.set(STORE)
+            yield
+
+        @contextlib.contextmanager
+        def recompute() -> Iterator[None]:
+            self.set(LOAD if self.owner is token else COMPUTE)
+            try:
+                yield
+            finally:
+                self.set(COMPUTE)
+
+        return forward(), recompute()
+
+
+def keep_lora_a_outputs(layer: nn.Module, capacity: int) -> RecomputeMemo | None:
+    """Give the fused A projections of a checkpointed decoder layer a `RecomputeMemo` (None: the layer has none)."""
+    modules = [m for m in layer.modules() if isinstance(m, FusedDropoutLinear)]
+    return RecomputeMemo(modules, capacity) if modules else None
+
+
+def forget_lora_a_outputs(layer: nn.Module) -> None:
+    """Undo `keep_lora_a_outputs` (the slots are freed)."""
+    for module in layer.modules():
+        vars(module).pop("qlora_memo_slot", None)
+        vars(module).pop("qlora_memo_phase", None)
+
 
 class FusedDropoutLinear(nn.Linear):
     """A LoRA A projection that applies its layer's dropout itself (see the module docstring). Same weight, same
@@ -167,11 +304,16 @@ class FusedDropoutLinear(nn.Linear):
         if not self.training or self.p == 0 or self.bias is not None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1]).to(self.weight.dtype)  # a custom op is not autocast: peft's cast
-        if _use_triton(flat):
+        seed = draw_seed(x.device)
+        if getattr(self, "qlora_memo_slot", None) is not None:
+            h = memo_product(flat, self.weight, seed, self.p, self.qlora_memo_slot, self.qlora_memo_phase)
+        elif _use_triton(flat):
             from qlora_cli.triton_lora import dropout_matmul as op
+
+            h = op(flat, self.weight, seed, self.p)
         else:
-            op = dropout_matmul
-        return op(flat, self.weight, draw_seed(x.device), self.p).reshape(*x.shape[:-1], self.out_features)
+            h = dropout_matmul(flat, self.weight, seed, self.p)
+        return h.reshape(*x.shape[:-1], self.out_features)
 
 
 def use_fused_lora_dropout(model: nn.Module) -> int:

@@ -276,7 +276,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, recompute_down_proj: bool = False,
-                   keep_dequantized: bool = False, **compile_kwargs: Any) -> int:
+                   keep_dequantized: bool = False, memo_rows: int = 0, **compile_kwargs: Any) -> int:
     """torch.compile each decoder layer in place (regional compilation); returns how many were compiled.
 
     Layers share one class, so the first compile is reused by the others. In place (`Module.compile`), so
@@ -284,10 +284,13 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, recomput
     wraps the compiled call (`checkpoint_around`), whichever transformers version is installed, and the frozen
     part of the MLP's output projection runs outside it, once (`deferrable_projection`), unless
     `recompute_down_proj`; with `keep_dequantized`, the recompute keeps the NF4 weights it dequantized (inside
-    the compiled graph, qlora_cli/nf4.py) for the layer's backward. `dynamic=True` compiles once for every sequence
+    the compiled graph, qlora_cli/nf4.py) for the layer's backward; with `memo_rows` > 0, the recompute reads back
+    the fused LoRA A projections' outputs of the forward pass (slots for that many rows, grown when a micro-batch
+    has more; qlora_cli/lora_dropout.py `RecomputeMemo`). `dynamic=True` compiles once for every sequence
     length (batches whose lengths vary); `None` (torch's default) specialises to the first shape and recompiles,
     dynamic, at the second.
     """
+    from .lora_dropout import keep_lora_a_outputs
     from .nf4 import keep_dequantized_in_recompute
     from .recompute import checkpoint_around, deferrable_projection
 
@@ -298,12 +301,14 @@ def compile_layers(model: torch.nn.Module, dynamic: bool | None = None, recomput
             base = None if recompute_down_proj else deferrable_projection(layer)
             if keep_dequantized:
                 keep_dequantized_in_recompute(layer, base)
-            checkpoint_around(layer, base, dynamic=dynamic, **compile_kwargs)
+            memo = keep_lora_a_outputs(layer, memo_rows) if memo_rows > 0 else None
+            checkpoint_around(layer, base, memo, dynamic=dynamic, **compile_kwargs)
     return len(layers)
 
 
 def uncompile_layers(model: torch.nn.Module) -> None:
     """Back to eager layers (generation with a KV cache would recompile for every new length)."""
+    from .lora_dropout import forget_lora_a_outputs
     from .lora_fold import use_peft_forward
     from .nf4 import use_bitsandbytes_forward
     from .recompute import undefer_projection
@@ -314,6 +319,7 @@ def uncompile_layers(model: torch.nn.Module) -> None:
             layer.gradient_checkpointing = True
             if call.deferred is not None:
                 undefer_projection(call.deferred)
+            forget_lora_a_outputs(layer)
         layer._compiled_call_impl = None
     use_peft_forward(model)
     use_bitsandbytes_forward(model)  # bitsandbytes' own kernels are the fast ones for generation's small batches

@@ -186,6 +186,13 @@ class TrainingConfig:
         "Llama-3-8B: +1.1 % tokens/s, +0.29 GB peak (docs/performance.md, twelfth session). false = dequantize "
         "again in backward, as bitsandbytes does.",
     )
+    keep_lora_a_outputs: bool = _f(
+        True, help="With compiled layers, gradient checkpointing and the fused LoRA dropout, each LoRA A projection "
+        "keeps its output (rank values a token) from the forward pass for the recompute in backward, which reads it "
+        "back instead of reading the projection's input and drawing its mask again; same values and gradients, "
+        "+2 bytes × rank × 7 projections × layers a token of the micro-batch (Llama-3-8B, 4 × 2,048 tokens, rank "
+        "16: 59 MB). false = recompute the A products too.",
+    )
     fold_lora_b: bool = _f(
         False, help="With compiled NF4 layers, compute each projection with at least as many outputs as inputs (q, "
         "o, gate and up) as one matrix product [x | A(x)] @ [W | s·B]^T instead of peft's two products and a sum, so "

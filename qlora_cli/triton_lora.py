@@ -61,11 +61,10 @@ def _keep(seed, threshold, rows, k0, K, BK: tl.constexpr):
 
 
 @triton.jit
-def _forward(x_ptr, a_ptr, h_ptr, seed_ptr, threshold, scale, M, K, R, RP: tl.constexpr, BM: tl.constexpr,
+def _project(x_ptr, a_ptr, seed_ptr, threshold, scale, rm, rr, M, K, R, RP: tl.constexpr, BM: tl.constexpr,
              BK: tl.constexpr):
+    """dropout(x) @ A.T for the rows rm, in fp32."""
     seed = tl.load(seed_ptr)
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rr = tl.arange(0, RP)
     acc = tl.zeros((BM, RP), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -73,8 +72,32 @@ def _forward(x_ptr, a_ptr, h_ptr, seed_ptr, threshold, scale, M, K, R, RP: tl.co
         x = tl.where(_keep(seed, threshold, rm, k0, K, BK), x * scale, 0.0).to(x_ptr.dtype.element_ty)
         a = tl.load(a_ptr + rr[None, :] * K + rk[:, None], mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
         acc += tl.dot(x, a)
-    tl.store(h_ptr + rm[:, None] * R + rr[None, :], acc.to(h_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rr[None, :] < R))
+    return acc
+
+
+@triton.jit
+def _forward(x_ptr, a_ptr, h_ptr, seed_ptr, slot_ptr, phase_ptr, threshold, scale, M, K, R, RP: tl.constexpr,
+             BM: tl.constexpr, BK: tl.constexpr, MEMO: tl.constexpr):
+    """h = dropout(x) @ A.T; with MEMO, the phase at phase_ptr (`lora_dropout.RecomputeMemo`) says whether h is
+    also stored to the slot (1) or read from it instead of computed (2)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, RP)
+    out = h_ptr + rm[:, None] * R + rr[None, :]
+    inside = (rm[:, None] < M) & (rr[None, :] < R)
+    if MEMO:
+        phase = tl.load(phase_ptr)
+        slot = slot_ptr + rm[:, None] * R + rr[None, :]
+        if phase == 2:
+            tl.store(out, tl.load(slot, mask=inside), mask=inside)
+        else:
+            h = _project(x_ptr, a_ptr, seed_ptr, threshold, scale, rm, rr, M, K, R, RP, BM, BK).to(
+                h_ptr.dtype.element_ty)
+            tl.store(out, h, mask=inside)
+            if phase == 1:
+                tl.store(slot, h, mask=inside)
+    else:
+        h = _project(x_ptr, a_ptr, seed_ptr, threshold, scale, rm, rr, M, K, R, RP, BM, BK)
+        tl.store(out, h.to(h_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -153,13 +176,17 @@ def rows_per_program(m: int) -> int:
     return 4 * TILES[0] if TILES is not None else min(2048, max(256, triton.next_power_of_2(m) // 16))
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """dropout(x, p) @ weight.T for a contiguous 2-D x (M × K) and weight (R × K)."""
+def forward(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float, slot: torch.Tensor | None = None,
+            phase: torch.Tensor | None = None) -> torch.Tensor:
+    """dropout(x, p) @ weight.T for a contiguous 2-D x (M × K) and weight (R × K); with a memo's `slot` (at least
+    M × R, contiguous) and `phase`, stored or loaded as `lora_dropout.dropout_matmul_memo` says."""
     (m, k), r = x.shape, weight.shape[0]
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
     kernel, extra = _kernel(_forward_tuned, _forward)
+    memo = slot is not None
     kernel[lambda meta: (triton.cdiv(m, meta["BM"]),)](
-        x, weight, h, seed, threshold(p), 1.0 / (1.0 - effective_p(p)), m, k, r, RP=_rank_block(r), **extra)
+        x, weight, h, seed, slot if memo else h, phase if memo else seed, threshold(p), 1.0 / (1.0 - effective_p(p)),
+        m, k, r, RP=_rank_block(r), MEMO=memo, **extra)
     return h
 
 
@@ -185,6 +212,15 @@ def dropout_matmul(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p:
     """`qlora::dropout_matmul` on CUDA: the same product and mask contract, but a triton_op, so that the compiled
     layers launch its kernels from inductor's own code instead of through a Python custom op at each call."""
     return forward(x.contiguous(), weight.contiguous(), seed, p)
+
+
+@triton_op("qlora::dropout_matmul_memo_cuda", mutates_args={"slot"})
+def dropout_matmul_memo(x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, p: float, slot: torch.Tensor,
+                        phase: torch.Tensor) -> torch.Tensor:
+    """`qlora::dropout_matmul_memo` on CUDA (`lora_dropout.RecomputeMemo`; no gradient, `lora_dropout.memo_product`
+    gives it one): the phase is read by the kernel, so one graph serves the forward pass, its recompute and
+    anything else."""
+    return forward(x.contiguous(), weight.contiguous(), seed, p, slot, phase)
 
 
 @triton_op("qlora::dropout_matmul_cuda_backward", mutates_args=())

@@ -80,7 +80,47 @@ def check(m: int, k: int, r: int, p: float, dtype: torch.dtype, device: str) -> 
     other = triton_lora.keep_mask(seed + 1, p, m, k, device)
     print(f"  {(keep != other).float().mean().item():.4f} of the mask differs for the next seed "
           f"(independent masks: {2 * p * (1 - p):.4f})")
-    return worst
+    return worst if check_memo(x, a, seed, p, dh) else float("inf")
+
+
+def check_memo(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, p: float, dh: torch.Tensor) -> bool:
+    """`training.keep_lora_a_outputs`' kernel (lora_dropout.RecomputeMemo): in phase STORE the op's output and
+    the slot equal the plain kernel's output bit for bit; in phase LOAD it returns the slot whatever x holds; in
+    phase COMPUTE it leaves the slot alone. On a GPU also through autograd: eager, the plain op's h, dx and dA
+    bit for bit; compiled (inductor may pick other tiles), the same in both phases and within 1e-2 of eager."""
+    from qlora_cli.lora_dropout import COMPUTE, LOAD, STORE, memo_product
+
+    plain = triton_lora.forward(x, a, seed, p)
+    slot = torch.full((x.shape[0] + 5, a.shape[0]), 7.0, dtype=x.dtype, device=x.device)  # more rows than x
+    phase = torch.tensor([STORE], dtype=torch.int32, device=x.device)
+    stored = triton_lora.forward(x, a, seed, p, slot, phase)
+    ok = {"store: output": torch.equal(stored, plain), "store: slot": torch.equal(slot[:x.shape[0]], plain),
+          "store: rows past x untouched": bool((slot[x.shape[0]:] == 7).all())}
+    phase.fill_(LOAD)
+    ok["load: the slot, not x's product"] = torch.equal(triton_lora.forward(torch.zeros_like(x), a, seed, p, slot,
+                                                                              phase), plain)
+    phase.fill_(COMPUTE)
+    before = slot.clone()
+    ok["compute: output"] = torch.equal(triton_lora.forward(x * 2, a, seed, p, slot, phase),
+                                        triton_lora.forward(x * 2, a, seed, p))
+    ok["compute: slot untouched"] = torch.equal(slot, before)
+    if x.is_cuda:
+        want = op_and_grads(dropout_matmul, x, a, seed, p, dh)
+        memo = {"eager": memo_product, "compiled": torch.compile(memo_product, fullgraph=True)}
+        for variant, op in memo.items():
+            phase.fill_(STORE)
+            stored = op_and_grads(lambda x, a, seed, p, op=op: op(x, a, seed, p, slot, phase), x, a, seed, p, dh)
+            phase.fill_(LOAD)
+            loaded = op_and_grads(lambda x, a, seed, p, op=op: op(x, a, seed, p, slot, phase), x, a, seed, p, dh)
+            ok[f"{variant}: load gives store's h, dx, dA"] = all(map(torch.equal, stored, loaded))
+            if variant == "eager":
+                ok["eager: the plain op's h, dx, dA"] = all(map(torch.equal, stored, want))
+            else:
+                errors = [((g.float() - w.float()).norm() / w.float().norm()).item() for g, w in zip(stored, want)]
+                ok[f"{variant}: within 1e-2 of eager ({max(errors):.1e})"] = max(errors) < 1e-2
+    for name, same in ok.items():
+        print(f"  memo {name}: {same}")
+    return all(ok.values())
 
 
 def timed(fn, steps: int, warmup: int) -> float:

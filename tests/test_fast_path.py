@@ -613,6 +613,69 @@ def test_fused_lora_dropout_in_compiled_layers_recomputes_the_same_masks_under_c
         assert ((a - grads_ckpt[name]).norm() / a.norm()).item() < 1e-4, name
 
 
+def test_the_recompute_reads_back_the_lora_a_outputs_of_its_forward_pass_with_the_same_gradients(
+        tmp_path: Path, examples, monkeypatch) -> None:
+    """With `training.keep_lora_a_outputs` each checkpointed layer's fused A projections keep their outputs in
+    forward and the recompute in backward reads them back: the A products are computed 14 times a step (2 layers
+    × 7 projections, forward only) instead of again in the recompute, with the same loss and gradients. The
+    recompute really reads the slots (zeroing them between forward and backward changes the gradients); when a
+    layer ran forward twice before backward, the older pass's recompute computes its products again (42 products
+    for two passes) and the gradients stay right."""
+    from qlora_cli import lora_dropout
+    from qlora_cli.commands.train import compiled_graphs
+    from qlora_cli.model import compile_layers, uncompile_layers
+
+    _, tokenizer, rows = examples
+    batch = packed_batch(tokenizer, rows)
+    other = packed_batch(tokenizer, rows[1:])
+    recipe = demo_recipe(tmp_path, "lora.lora_dropout=0.3", "training.gradient_checkpointing=true")
+    computed = []  # the products the memo's op computes (it calls `dropout_matmul` when it runs, opaque to dynamo)
+    product = lora_dropout.dropout_matmul
+
+    def two_passes(model) -> dict[str, torch.Tensor]:
+        torch.manual_seed(5)
+        model.zero_grad()
+        (model(**batch).loss + model(**other).loss).backward()
+        return {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+    results, graphs = {}, {}
+    for rows_kept in (0, 64):
+        model = fused_dropout_model(recipe)
+        if rows_kept:
+            monkeypatch.setattr(lora_dropout, "dropout_matmul", lambda *a: computed.append(1) or product(*a))
+        torch._dynamo.reset()
+        assert compile_layers(model, backend=compile_backend(), memo_rows=rows_kept) == 2
+        before = compiled_graphs()
+        computed.clear()
+        step = seeded_step(model, batch)
+        calls = len(computed)
+        computed.clear()
+        twice = two_passes(model)
+        results[rows_kept] = step, (calls, len(computed)), twice
+        graphs[rows_kept] = compiled_graphs() - before
+        if rows_kept:
+            slots = [m.qlora_memo_slot for m in model.modules() if hasattr(m, "qlora_memo_slot")]
+            assert len(slots) == 14 and all(s.shape[0] >= batch["input_ids"].numel() for s in slots)
+            model.zero_grad()
+            torch.manual_seed(123)
+            loss = model(**batch).loss
+            for slot in slots:
+                slot.zero_()
+            loss.backward()
+            zeroed = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            uncompile_layers(model)
+            assert not any(hasattr(m, "qlora_memo_slot") for m in model.modules())
+    ((loss, grads), calls, twice), ((kept_loss, kept_grads), kept_calls, kept_twice) = results[0], results[64]
+    assert kept_calls == (14, 42)
+    assert graphs[64] == graphs[0], graphs  # one graph for the forward pass, its recompute and a second pass
+    assert kept_loss == pytest.approx(loss, rel=1e-6)
+    for name, a in grads.items():
+        assert ((kept_grads[name] - a).norm() / a.norm()).item() < 1e-5, name
+        assert ((kept_twice[name] - twice[name]).norm() / twice[name].norm()).item() < 1e-5, name
+    lora_a = [n for n in grads if "lora_A" in n]
+    assert max(((zeroed[n] - kept_grads[n]).norm() / kept_grads[n].norm()).item() for n in lora_a) > 1e-2
+
+
 # `training.fold_lora_b` (qlora_cli/lora_fold.py): LoRA's B product inside the frozen projection's product.
 
 

@@ -364,6 +364,22 @@ def test_the_recompute_keeps_every_dequantized_weight_but_a_down_projection_that
     assert kept_bytes(None, "training.keep_dequantized=false") == 0
 
 
+def test_the_lora_a_outputs_kept_for_the_recompute_are_counted_where_training_keeps_them(tmp_path: Path) -> None:
+    """Under checkpointing with compiled layers and the fused dropout (`training.keep_lora_a_outputs`), every
+    layer's A projections keep rank values a row for micro-batch × max_length rows (the slots train allocates):
+    Mistral-7B, 7 projections, rank 16, 2 × 512 rows, 2 bytes: 32 × 7 × 1,024 × 16 × 2 = 7 MiB."""
+    def kept_bytes(*overrides: str) -> int:
+        recipe = load_recipe(write_recipe(tmp_path, gradient_checkpointing=True, per_device_train_batch_size=2),
+                             ["data.max_length=512", *overrides])
+        return next((t.bytes for t in estimate_for_recipe(recipe).terms if t.key == "lora_a_kept"), 0)
+
+    assert kept_bytes() == 32 * 7 * 2 * 512 * 16 * 2
+    assert kept_bytes("training.keep_lora_a_outputs=false") == 0
+    assert kept_bytes("lora.lora_dropout=0") == 0  # no fused dropout: peft's A product, recomputed
+    assert kept_bytes("training.gradient_checkpointing=false") == 0
+    assert kept_bytes("training.compile_layers=false") == 0
+
+
 def test_packed_rows_under_flex_attention_build_no_mask() -> None:
     a = arch(LLAMA3)
     sdpa = estimate(a, settings(packing=True, gradient_checkpointing=False))

@@ -191,7 +191,9 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
     inside the A projections where `training.fused_lora_dropout` says so (qlora_cli/lora_dropout.py), and the
     decoder layers compiled where `training.compile_layers` says so, their NF4 weights dequantized inside the
     compiled graph (`training.compile_nf4`, qlora_cli/nf4.py), projections folded with their LoRA B where
-    `training.fold_lora_b` says so (qlora_cli/lora_fold.py); returns how many layers were compiled.
+    `training.fold_lora_b` says so (qlora_cli/lora_fold.py), the fused A projections' outputs kept for the recompute
+    where `training.keep_lora_a_outputs` says so (`lora_dropout.RecomputeMemo`); returns how many layers were
+    compiled.
 
     Packed rows have one length (`shape_args`), so the layers are compiled for it; unpacked batches vary in
     length, so the layers are compiled for any length from the start (one compile instead of a static one and
@@ -208,9 +210,12 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
         use_compiled_dequantization(model)
         if recipe.training.fold_lora_b:
             use_folded_lora(model)
+    t = recipe.training
+    memo_rows = t.per_device_train_batch_size * recipe.data.max_length if t.keep_lora_a_outputs else 0
     return compile_layers(model, dynamic=None if recipe.data.packing else True,
-                          recompute_down_proj=recipe.training.recompute_down_proj,
-                          keep_dequantized=recipe.training.keep_dequantized)  # acts on compile_nf4's layers only
+                          recompute_down_proj=t.recompute_down_proj,
+                          keep_dequantized=t.keep_dequantized,  # acts on compile_nf4's layers only
+                          memo_rows=memo_rows)  # acts on checkpointed layers with fused LoRA dropout only
 
 
 def compiled_graphs() -> int:
@@ -649,6 +654,10 @@ def train(recipe: Recipe, console: Console, overwrite: bool = False,
         console.print("[yellow]training.fused_lora_dropout is on but no LoRA layer qualifies (it needs "
                       "lora.lora_dropout > 0, plain LoRA, and on CUDA bfloat16 adapters); training with peft's "
                       "dropout[/yellow]")
+    kept = sum(hasattr(m, "qlora_memo_slot") for m in trainer.model.modules())
+    if kept:
+        console.print(f"The recompute reads back the outputs of {kept} LoRA A projections kept from forward "
+                      "(training.keep_lora_a_outputs)")
     folds = sum(folded(m) for m in trainer.model.modules())
     if folds:
         console.print(f"LoRA's B product inside the frozen product of {folds} projections (training.fold_lora_b)")
