@@ -80,6 +80,7 @@
 #   bash docs/bench/issue14-gpu.sh ao  # sixteenth session: the memo kernel checked against the plain one
 #     # (scripts/bench_lora_dropout.py --check), then Llama-3-8B baseline, qlora without and with
 #     # training.keep_lora_a_outputs in one run, 30 warm-up and 30 timed steps each (~8 min)
+#   bash docs/bench/issue14-gpu.sh ap  # sixteenth session: the same three variants for Mistral-7B (~7 min)
 #   bash docs/bench/issue14-gpu.sh ac  # eleventh session: Mistral-7B qlora, full garbage collections counted in the
 #     # timed steps, without and with gc.freeze() after the first step (training.freeze_gc). The figures on file
 #     # (mistral7b-log10-gc*-h200.json) ran before freeze_gc existed, as `qlora` and `qlora --gc-freeze` (the flag
@@ -288,6 +289,10 @@ elif [ "$1" = ao ]; then
   python3 scripts/bench_train.py --shape llama3-8b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
     --variants "baseline,qlora-training.keep_lora_a_outputs=false,qlora" --out "$OUT/llama3-8b-warm30-memo-h200.json" \
     2>&1 | tee "$OUT/llama3-8b-warm30-memo.log"
+elif [ "$1" = ap ]; then
+  python3 scripts/bench_train.py --shape mistral7b --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
+    --variants "baseline,qlora-training.keep_lora_a_outputs=false,qlora" --out "$OUT/mistral7b-warm30-memo-h200.json" \
+    2>&1 | tee "$OUT/mistral7b-warm30-memo.log"
 elif [ "$1" = x ] || [ "$1" = y ]; then
   shape=$([ "$1" = x ] && echo llama3-8b || echo mistral7b)
   python3 scripts/bench_train.py --shape $shape --steps 30 --warmup 30 --log-every 10 --docs 3000 --workdir $W \
