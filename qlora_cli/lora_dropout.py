@@ -19,6 +19,9 @@ from a peft-dropout run by its random draws only.
 
 `dropout_matmul` below is the PyTorch version, for any device; on CUDA in 16 bits `FusedDropoutLinear` calls the
 Triton version, `qlora_cli.triton_lora.dropout_matmul`, which has the same arguments and mask.
+
+Under gradient checkpointing the layer's recompute needs each projection's output again; `RecomputeMemo`
+(`training.keep_lora_a_outputs`) keeps it from the forward pass instead of computing it a second time.
 """
 
 from __future__ import annotations

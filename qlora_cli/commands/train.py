@@ -206,11 +206,11 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
         use_fused_lora_dropout(model)
     if not compiled:
         return 0
-    if recipe.training.compile_nf4:
-        use_compiled_dequantization(model)
-        if recipe.training.fold_lora_b:
-            use_folded_lora(model)
     t = recipe.training
+    if t.compile_nf4:
+        use_compiled_dequantization(model)
+        if t.fold_lora_b:
+            use_folded_lora(model)
     memo_rows = t.per_device_train_batch_size * recipe.data.max_length if t.keep_lora_a_outputs else 0
     return compile_layers(model, dynamic=None if recipe.data.packing else True,
                           recompute_down_proj=t.recompute_down_proj,
