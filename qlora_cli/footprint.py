@@ -271,7 +271,7 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
     give the same estimate.
     """
     from .commands.train import uses_liger
-    from .lora_dropout import fuses_dropout
+    from .lora_dropout import fuses_dropout, memo_rows
     from .model import Device, resolve_attention, resolve_compile
 
     t, lora, data = recipe.training, recipe.lora, recipe.data
@@ -299,8 +299,7 @@ def settings_from_recipe(recipe: Recipe, prepared: PreparedData | None = None,
     deferred = compiled and not t.recompute_down_proj and not lora.use_dora
     # under checkpointing the fused dropout's A projections keep their outputs for the recompute
     # (training.keep_lora_a_outputs; estimate() counts them only with checkpointing)
-    keeps_lora_a = compiled and t.keep_lora_a_outputs and fuses_dropout(recipe, compiled)
-    lora_a_rows = t.per_device_train_batch_size * data.max_length if keeps_lora_a else 0  # as train allocates them
+    lora_a_rows = memo_rows(recipe) if compiled and fuses_dropout(recipe, compiled) else 0
     return RunSettings(
         micro_batch=t.per_device_train_batch_size,
         seq_len=seq_len,

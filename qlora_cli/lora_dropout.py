@@ -240,11 +240,16 @@ class RecomputeMemo:
         self.modules = modules
         weight = modules[0].weight
         self.phase = torch.full((1,), COMPUTE, dtype=torch.int32, device=weight.device)
-        self.capacity = 0
         self.owner: object | None = None
         self.grow(capacity)
         for module in modules:
             module.qlora_memo_phase = self.phase
+
+    @property
+    def capacity(self) -> int:
+        """Rows the slots hold (0 before the first allocation)."""
+        slot = getattr(self.modules[0], "qlora_memo_slot", None)
+        return 0 if slot is None else slot.shape[0]
 
     def grow(self, rows: int) -> None:
         """Slots of at least `rows` rows (a compiled layer recompiles once for the new slot size)."""
@@ -253,10 +258,6 @@ class RecomputeMemo:
         for module in self.modules:
             module.qlora_memo_slot = torch.empty(rows, module.out_features, dtype=module.weight.dtype,
                                                  device=module.weight.device)
-        self.capacity = rows
-
-    def nbytes(self) -> int:
-        return sum(m.qlora_memo_slot.nbytes for m in self.modules)
 
     def set(self, phase: int) -> None:
         self.phase.fill_(phase)
@@ -282,6 +283,13 @@ class RecomputeMemo:
                 self.set(COMPUTE)
 
         return forward(), recompute()
+
+
+def memo_rows(recipe: Recipe) -> int:
+    """Rows of each `RecomputeMemo` slot training allocates for the recipe: a micro-batch's most tokens
+    (micro-batch × data.max_length), or 0 with `training.keep_lora_a_outputs: false`."""
+    t = recipe.training
+    return t.per_device_train_batch_size * recipe.data.max_length if t.keep_lora_a_outputs else 0
 
 
 def keep_lora_a_outputs(layer: nn.Module, capacity: int) -> RecomputeMemo | None:

@@ -73,7 +73,6 @@ def checkpoint_around(layer: torch.nn.Module, deferred: torch.nn.Module | None =
 
     call.checkpoint_around = True
     call.deferred = deferred
-    call.memo = memo
     layer.gradient_checkpointing = False
     layer._compiled_call_impl = call
 

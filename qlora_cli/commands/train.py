@@ -18,7 +18,7 @@ from rich.text import Text
 from .. import data as datamod
 from ..errors import UserError
 from ..lm_head import EVERY_POSITION_SHARE, gradient_in_forward
-from ..lora_dropout import FusedDropoutLinear, resolve_fused_lora_dropout, use_fused_lora_dropout
+from ..lora_dropout import FusedDropoutLinear, memo_rows, resolve_fused_lora_dropout, use_fused_lora_dropout
 from ..lora_fold import folded, use_folded_lora
 from ..model import (
     Device,
@@ -211,11 +211,10 @@ def finish_trainer_model(model: Any, recipe: Recipe, device: Device) -> int:
         use_compiled_dequantization(model)
         if t.fold_lora_b:
             use_folded_lora(model)
-    memo_rows = t.per_device_train_batch_size * recipe.data.max_length if t.keep_lora_a_outputs else 0
     return compile_layers(model, dynamic=None if recipe.data.packing else True,
                           recompute_down_proj=t.recompute_down_proj,
                           keep_dequantized=t.keep_dequantized,  # acts on compile_nf4's layers only
-                          memo_rows=memo_rows)  # acts on checkpointed layers with fused LoRA dropout only
+                          memo_rows=memo_rows(recipe))  # acts on checkpointed layers with fused LoRA dropout only
 
 
 def compiled_graphs() -> int:
